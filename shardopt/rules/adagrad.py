@@ -1,0 +1,69 @@
+"""AdaGrad (Duchi, Hazan & Singer 2011), chapter section 8.1.
+
+::
+
+    G_t = G_{t-1} + g_t \\odot g_t                    (G_0 = initial_accumulator_value)
+    \\eta_t = \\eta / (1 + (t - 1) \\cdot lr\\_decay)
+    \\theta_{t+1} = \\theta_t - \\eta_t g_t / (\\sqrt{G_t} + \\epsilon)
+
+The chapter writes :math:`\\sqrt{G_t + \\epsilon}`; torch.optim.Adagrad (and
+this rule) add :math:`\\epsilon` outside the root. Because :math:`G_t` only
+grows, each coordinate's effective rate :math:`\\eta_t/(\\sqrt{G_t}+\\epsilon)`
+never increases: the chapter's "learning rate monotonically decreases".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import STEP, StateSpec, UpdateRule, check_bool, check_nonneg, increment_steps
+
+
+class AdagradRule(UpdateRule):
+    name = "adagrad"
+    defaults = {
+        "lr": 1e-2,
+        "lr_decay": 0.0,
+        "weight_decay": 0.0,
+        "initial_accumulator_value": 0.0,
+        "eps": 1e-10,
+        "maximize": False,
+    }
+
+    def validate(self, hp: Mapping[str, Any]) -> None:
+        check_nonneg("lr", hp["lr"])
+        check_nonneg("lr_decay", hp["lr_decay"])
+        check_nonneg("weight_decay", hp["weight_decay"])
+        check_nonneg("initial_accumulator_value", hp["initial_accumulator_value"])
+        check_nonneg("eps", hp["eps"])
+        check_bool("maximize", hp["maximize"])
+
+    def state_specs(self, hp: Mapping[str, Any]) -> tuple[StateSpec, ...]:
+        return (STEP, StateSpec("sum", init=float(hp["initial_accumulator_value"])))
+
+    @torch.no_grad()
+    def update(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Tensor]],
+        hp: Mapping[str, Any],
+    ) -> None:
+        if not params:
+            return
+        lr, lr_decay, weight_decay = hp["lr"], hp["lr_decay"], hp["weight_decay"]
+        steps = increment_steps(states)
+        sums = [state["sum"] for state in states]
+        if hp["maximize"]:
+            grads = torch._foreach_neg(grads)
+        if weight_decay != 0:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        torch._foreach_addcmul_(sums, grads, grads, value=1)
+        std = torch._foreach_sqrt(sums)
+        torch._foreach_add_(std, hp["eps"])
+        neg_rates = [-(lr / (1 + (step - 1) * lr_decay)) for step in steps]
+        torch._foreach_addcdiv_(params, grads, std, neg_rates)

@@ -1,0 +1,183 @@
+"""Update rules declared once: hyperparameters, per-parameter state, granularity.
+
+An :class:`UpdateRule` is the single source of truth about an optimizer family.
+The single-process optimizers, the ZeRO engine, checkpoints and the memory
+planner all read the same declaration (habit 1 of the design: optax declares
+``ScaleByAdamState`` right above ``scale_by_adam``), so the bytes the planner
+predicts are the bytes the runtime allocates.
+
+The math lives in :meth:`UpdateRule.update`, a function over tensors with
+*explicit* gradients, apart from the bookkeeping that gathers them (the split
+``torch/optim/adam.py`` makes between ``_init_group`` and ``_single_tensor_adam``).
+Because the update never looks at ``param.grad``, the same code runs on whole
+parameters (single process), on a flat slice of a bucket (ZeRO, elementwise
+rules) and on whole matrices owned by one rank (ZeRO, Muon).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+
+class Granularity(enum.Enum):
+    """How much of a parameter one application of the rule must see.
+
+    ``ELEMENTWISE`` rules (SGD, Adagrad, RMSprop, Adam, AdamW, Lion) are exact on
+    any slice of a flattened parameter, so ZeRO may cut parameters anywhere.
+    ``MATRIX`` rules (Muon) need each weight matrix whole.
+    """
+
+    ELEMENTWISE = "elementwise"
+    MATRIX = "matrix"
+
+
+class StateShape(enum.Enum):
+    """Shape of one piece of optimizer state: like the parameter, or a scalar."""
+
+    PARAM = "param"
+    SCALAR = "scalar"
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One tensor of optimizer state kept per parameter (or per shard region).
+
+    Attributes:
+        name: torch.optim's state name (``exp_avg``, ``momentum_buffer``, ...).
+        shape: :attr:`StateShape.PARAM` (same number of elements as the
+            parameter or region it belongs to) or :attr:`StateShape.SCALAR`.
+        dtype: ``None`` means the dtype of the (master) parameter; scalars such
+            as ``step`` are float32 as in torch.optim.
+        init: initial fill value.
+    """
+
+    name: str
+    shape: StateShape = StateShape.PARAM
+    dtype: torch.dtype | None = None
+    init: float = 0.0
+
+    def numel(self, param_numel: int) -> int:
+        return param_numel if self.shape is StateShape.PARAM else 1
+
+    def resolved_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
+        return param_dtype if self.dtype is None else self.dtype
+
+    def nbytes(self, param_numel: int, param_dtype: torch.dtype) -> int:
+        """Bytes this state occupies for a parameter of ``param_numel`` elements."""
+        itemsize = torch.empty((), dtype=self.resolved_dtype(param_dtype)).element_size()
+        return self.numel(param_numel) * itemsize
+
+
+STEP = StateSpec("step", StateShape.SCALAR, torch.float32)
+
+
+def allocate_state(
+    specs: Sequence[StateSpec], like: Tensor, *, dtype: torch.dtype | None = None
+) -> dict[str, Tensor]:
+    """Allocate the tensors ``specs`` declare for a parameter (or region) ``like``."""
+    base_dtype = like.dtype if dtype is None else dtype
+    state: dict[str, Tensor] = {}
+    for spec in specs:
+        spec_dtype = spec.resolved_dtype(base_dtype)
+        if spec.shape is StateShape.SCALAR:
+            state[spec.name] = torch.full((), spec.init, dtype=spec_dtype, device=like.device)
+        else:
+            state[spec.name] = torch.full_like(like, spec.init, dtype=spec_dtype)
+    return state
+
+
+# ---------------------------------------------------------------------------
+# Validation helpers shared by every rule: each names the argument and what was
+# expected, in torch.optim's style.
+
+
+def check_nonneg(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Invalid {name}: {value!r} (expected a float >= 0)")
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"Invalid {name}: {value} (expected a finite value >= 0)")
+
+
+def check_unit_interval(name: str, value: Any, *, closed_low: bool = True) -> None:
+    """``value`` in [0, 1) (or (0, 1) when ``closed_low`` is False)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Invalid {name}: {value!r} (expected a float in [0, 1))")
+    low_ok = value >= 0.0 if closed_low else value > 0.0
+    if not (math.isfinite(value) and low_ok and value < 1.0):
+        interval = "[0, 1)" if closed_low else "(0, 1)"
+        raise ValueError(f"Invalid {name}: {value} (expected a value in {interval})")
+
+
+def check_betas(value: Any, count: int = 2) -> None:
+    if not isinstance(value, (tuple, list)) or len(value) != count:
+        raise TypeError(f"Invalid betas: {value!r} (expected a tuple of {count} floats)")
+    for index, beta in enumerate(value):
+        check_unit_interval(f"beta parameter at index {index}", beta)
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {name}: {value!r} (expected True or False)")
+
+
+class UpdateRule:
+    """Declaration and math of one optimizer family.
+
+    Subclasses set :attr:`name`, :attr:`granularity` and :attr:`defaults`, and
+    implement :meth:`validate`, :meth:`state_specs` and :meth:`update`.
+
+    ``update`` receives lists of equally shaped ``params``/``grads`` and one
+    state dict per parameter, and modifies params and states in place. It
+    increments the ``step`` state itself, so a skipped step leaves every state
+    untouched.
+    """
+
+    name: ClassVar[str]
+    granularity: ClassVar[Granularity] = Granularity.ELEMENTWISE
+    defaults: ClassVar[Mapping[str, Any]]
+
+    def validate(self, hp: Mapping[str, Any]) -> None:
+        """Raise ValueError/TypeError naming the first bad hyperparameter."""
+        raise NotImplementedError
+
+    def state_specs(self, hp: Mapping[str, Any]) -> tuple[StateSpec, ...]:
+        """The state this rule keeps per parameter under hyperparameters ``hp``."""
+        raise NotImplementedError
+
+    def update(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Tensor]],
+        hp: Mapping[str, Any],
+    ) -> None:
+        raise NotImplementedError
+
+    def state_bytes(self, hp: Mapping[str, Any], numel: int, dtype: torch.dtype) -> int:
+        """Bytes of state for one parameter (or region) of ``numel`` elements."""
+        return sum(spec.nbytes(numel, dtype) for spec in self.state_specs(hp))
+
+    def check_param(self, param: Tensor, label: str) -> None:
+        """Reject parameters this rule cannot update; ``label`` names it."""
+        if param.is_complex():
+            raise TypeError(
+                f"{label}: complex parameters are not supported by {self.name} "
+                "(view them as real with torch.view_as_real)"
+            )
+        if not param.is_floating_point():
+            raise TypeError(f"{label}: expected a floating-point parameter, got {param.dtype}")
+
+
+def increment_steps(states: list[dict[str, Tensor]]) -> list[float]:
+    """Add one to each ``step`` state and return the new values as Python floats."""
+    steps = [state["step"] for state in states]
+    if steps:
+        torch._foreach_add_(steps, 1.0)
+    return [float(step.item()) for step in steps]

@@ -1,0 +1,99 @@
+"""SGD, heavy-ball momentum and Nesterov momentum (chapter sections 7.1-7.3).
+
+With weight decay :math:`\\lambda`, momentum :math:`\\mu` and dampening :math:`d`
+(Sutskever et al. 2013, "On the importance of initialization and momentum in
+deep learning", in the form torch.optim.SGD uses)::
+
+    g_t = \\nabla L(\\theta_t) + \\lambda \\theta_t
+    b_t = \\mu b_{t-1} + (1 - d) g_t          (b_1 = g_1)
+    u_t = g_t + \\mu b_t   if nesterov else   b_t
+    \\theta_{t+1} = \\theta_t - \\eta u_t
+
+The chapter's Nesterov form evaluates the gradient at the look-ahead point
+:math:`\\theta_t - \\eta\\mu v_t`; the form above is the standard
+reformulation that needs only the current gradient (Bengio et al. 2012,
+"Advances in optimizing recurrent networks", eq. 7), as torch.optim.SGD does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import STEP, StateSpec, UpdateRule, check_bool, check_nonneg
+
+
+class SGDRule(UpdateRule):
+    name = "sgd"
+    defaults = {
+        "lr": 1e-3,
+        "momentum": 0.0,
+        "dampening": 0.0,
+        "weight_decay": 0.0,
+        "nesterov": False,
+        "maximize": False,
+    }
+
+    def validate(self, hp: Mapping[str, Any]) -> None:
+        check_nonneg("lr", hp["lr"])
+        check_nonneg("momentum", hp["momentum"])
+        check_nonneg("dampening", hp["dampening"])
+        check_nonneg("weight_decay", hp["weight_decay"])
+        check_bool("nesterov", hp["nesterov"])
+        check_bool("maximize", hp["maximize"])
+        if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
+            raise ValueError(
+                "Invalid nesterov: True requires momentum > 0 and dampening == 0 "
+                f"(got momentum={hp['momentum']}, dampening={hp['dampening']})"
+            )
+
+    def state_specs(self, hp: Mapping[str, Any]) -> tuple[StateSpec, ...]:
+        if hp["momentum"] == 0:
+            return ()
+        # A zero-initialised buffer gives b_1 = mu * 0 + g_1 = g_1 exactly when
+        # there is no dampening, so only dampened momentum needs to know that
+        # this is the first step (torch.optim.SGD copies g_1 into the buffer).
+        if hp["dampening"] == 0:
+            return (StateSpec("momentum_buffer"),)
+        return (StateSpec("momentum_buffer"), STEP)
+
+    @torch.no_grad()
+    def update(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Tensor]],
+        hp: Mapping[str, Any],
+    ) -> None:
+        if not params:
+            return
+        lr, momentum, dampening = hp["lr"], hp["momentum"], hp["dampening"]
+        weight_decay = hp["weight_decay"]
+        if hp["maximize"]:
+            grads = torch._foreach_neg(grads)
+        if weight_decay != 0:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        if momentum != 0:
+            bufs = [state["momentum_buffer"] for state in states]
+            if dampening != 0:
+                fresh = [state["step"].item() == 0 for state in states]
+                for is_fresh, buf, grad in zip(fresh, bufs, grads):
+                    if is_fresh:
+                        buf.copy_(grad)
+                seen = [i for i, is_fresh in enumerate(fresh) if not is_fresh]
+                if seen:
+                    seen_bufs = [bufs[i] for i in seen]
+                    torch._foreach_mul_(seen_bufs, momentum)
+                    torch._foreach_add_(seen_bufs, [grads[i] for i in seen], alpha=1 - dampening)
+                torch._foreach_add_([state["step"] for state in states], 1.0)
+            else:
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, grads)
+            if hp["nesterov"]:
+                grads = torch._foreach_add(grads, bufs, alpha=momentum)
+            else:
+                grads = bufs
+        torch._foreach_add_(params, grads, alpha=-lr)
