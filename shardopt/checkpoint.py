@@ -1,0 +1,195 @@
+"""Optimizer state of a :class:`~shardopt.ZeroOptimizer`, sharded or full.
+
+* Sharded (``opt.state_dict()``): this rank's regions as they are, plus the
+  plan's fingerprint, world size and rank, checked on load. Cheapest; reload at
+  the same world size with the same parameters.
+* Full (``opt.full_state_dict()``): torch.optim's format, keyed by parameter
+  index over the param groups exactly as the unsharded optimizer keys it, with
+  torch's state names. It loads into ``torch.optim.X``/``shardopt.X`` and into a
+  ZeroOptimizer at any world size: that is how checkpoints reshard.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .rules.base import StateShape
+
+if TYPE_CHECKING:
+    from .zero_optimizer import ZeroOptimizer
+
+SHARDED_FORMAT = "shardopt-sharded-v1"
+
+
+def _param_groups(opt: ZeroOptimizer) -> list[dict[str, Any]]:
+    groups, start = [], 0
+    for group in opt.param_groups:
+        saved = {key: value for key, value in group.items() if key != "params"}
+        saved["params"] = list(range(start, start + len(group["params"])))
+        start += len(group["params"])
+        groups.append(saved)
+    return groups
+
+
+def sharded_state_dict(opt: ZeroOptimizer) -> dict[str, Any]:
+    state = {
+        buffers.bucket.index: {"region": dict(buffers.states),
+                               "matrices": [dict(m) for m in buffers.matrix_states]}
+        for buffers in opt.buffers
+        if buffers.states
+    }
+    return {
+        "state": state,
+        "param_groups": _param_groups(opt),
+        "shard": {
+            "format": SHARDED_FORMAT,
+            "world_size": opt.comm.world_size,
+            "rank": opt.comm.rank,
+            "plan": opt.plan.fingerprint(),
+            "stage": opt.stage,
+            "num_skipped_steps": opt.num_skipped_steps,
+        },
+    }
+
+
+def full_state_dict(opt: ZeroOptimizer, *, all_ranks: bool = False) -> dict[str, Any] | None:
+    keep = all_ranks or opt.comm.rank == 0
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for buffers in opt.buffers:
+        if not buffers.states:
+            continue
+        bucket = buffers.bucket
+        region_numel = bucket.region_numel
+        for name, tensor in buffers.states.items():
+            if tensor.dim() == 0:
+                continue
+            local = torch.zeros(region_numel, dtype=tensor.dtype, device=tensor.device)
+            local[: tensor.numel()].copy_(tensor)
+            flat = torch.empty(bucket.flat_numel, dtype=tensor.dtype, device=tensor.device)
+            opt.comm.all_gather_into(flat, local)
+            if keep:
+                for slot in bucket.slots:
+                    shape = opt.plan.param(slot.param).shape
+                    piece = flat[slot.offset : slot.offset + slot.numel].view(shape).clone()
+                    state.setdefault(slot.param, {})[name] = piece
+        scalars = _local_scalars(opt, buffers)
+        for per_rank in opt.comm.all_gather_objects(scalars):
+            for index, values in per_rank.items():
+                if keep:
+                    for name, value in values.items():
+                        state.setdefault(index, {})[name] = torch.tensor(value, dtype=torch.float32)
+    if not keep:
+        return None
+    ordered = {index: _ordered(opt, index, state[index]) for index in sorted(state)}
+    return {"state": ordered, "param_groups": _param_groups(opt)}
+
+
+def _local_scalars(opt: ZeroOptimizer, buffers: Any) -> dict[int, dict[str, float]]:
+    """Scalar states (``step``) this rank can vouch for, by parameter index."""
+    out: dict[int, dict[str, float]] = {}
+    if buffers.bucket.granularity.value == "matrix":
+        for piece, per_matrix in zip(buffers.bucket.pieces(opt.comm.rank), buffers.matrix_states):
+            out[piece.param] = {n: float(t) for n, t in per_matrix.items() if t.dim() == 0}
+    elif opt.comm.rank == 0:
+        scalars = {n: float(t) for n, t in buffers.states.items() if t.dim() == 0}
+        if scalars:
+            out = {slot.param: dict(scalars) for slot in buffers.bucket.slots}
+    return out
+
+
+def _ordered(opt: ZeroOptimizer, index: int, entry: dict[str, torch.Tensor]) -> dict[str, Any]:
+    group = opt.param_groups[opt.plan.param(index).group]
+    order = [spec.name for spec in opt.inner.rule_for_group(group).state_specs(group)]
+    return {name: entry[name] for name in order if name in entry}
+
+
+def load_state_dict(opt: ZeroOptimizer, state_dict: dict[str, Any]) -> None:
+    if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
+        raise ValueError("Invalid state_dict: expected a dict with 'state' and 'param_groups'")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups) or any(
+        len(saved["params"]) != len(group["params"])
+        for saved, group in zip(saved_groups, opt.param_groups)
+    ):
+        raise ValueError(
+            "Invalid state_dict: its param groups have sizes "
+            f"{[len(g['params']) for g in saved_groups]}, this optimizer's have "
+            f"{[len(g['params']) for g in opt.param_groups]}"
+        )
+    shard = state_dict.get("shard")
+    if shard is not None:
+        _check_shard(opt, shard)
+    for saved, group in zip(saved_groups, opt.param_groups):
+        for key, value in saved.items():
+            if key != "params":
+                group[key] = value
+    if shard is not None:
+        _load_sharded(opt, state_dict["state"])
+        opt.num_skipped_steps = shard.get("num_skipped_steps", 0)
+    else:
+        _load_full(opt, {int(k): v for k, v in state_dict["state"].items()})
+
+
+def _check_shard(opt: ZeroOptimizer, shard: dict[str, Any]) -> None:
+    expected = {"format": SHARDED_FORMAT, "world_size": opt.comm.world_size,
+                "rank": opt.comm.rank, "plan": opt.plan.fingerprint()}
+    for key, value in expected.items():
+        if shard.get(key) != value:
+            raise ValueError(
+                f"Invalid state_dict: sharded checkpoint has {key}={shard.get(key)!r}, this "
+                f"optimizer has {key}={value!r}; reshard through full_state_dict() instead"
+            )
+
+
+def _load_sharded(opt: ZeroOptimizer, state: dict[Any, Any]) -> None:
+    for buffers in opt.buffers:
+        saved = state.get(buffers.bucket.index)
+        if saved is None:
+            continue
+        opt.ensure_states(buffers)
+        for name, tensor in saved["region"].items():
+            buffers.states[name].copy_(tensor)
+        for mine, theirs in zip(buffers.matrix_states, saved["matrices"]):
+            for name, tensor in theirs.items():
+                mine[name].copy_(tensor)
+
+
+def _load_full(opt: ZeroOptimizer, state: dict[int, dict[str, Any]]) -> None:
+    if not any(index in state for index in opt.params):
+        return
+    for buffers in opt.buffers:
+        bucket = buffers.bucket
+        group = opt.param_groups[bucket.group]
+        specs = opt.inner.rule_for_group(group).state_specs(group)
+        opt.ensure_states(buffers)
+        pieces = bucket.pieces(opt.comm.rank)
+        for spec in specs:
+            if spec.shape is StateShape.SCALAR:
+                continue
+            region = buffers.states[spec.name]
+            for piece in pieces:
+                source = state.get(piece.param, {}).get(spec.name)
+                target = region[piece.region_offset : piece.region_offset + piece.numel]
+                if source is None:
+                    target.fill_(spec.init)
+                else:
+                    flat = torch.as_tensor(source).reshape(-1)
+                    target.copy_(flat[piece.param_offset : piece.param_offset + piece.numel])
+        for spec in specs:
+            if spec.shape is not StateShape.SCALAR:
+                continue
+            if bucket.granularity.value == "matrix":
+                for piece, per_matrix in zip(pieces, buffers.matrix_states):
+                    per_matrix[spec.name].fill_(_scalar(state.get(piece.param, {}), spec))
+            else:
+                entry = next((state[s.param] for s in bucket.slots if s.param in state), {})
+                buffers.states[spec.name].fill_(_scalar(entry, spec))
+
+
+def _scalar(entry: dict[str, Any], spec: Any) -> float:
+    if spec.name in entry:
+        return float(entry[spec.name])
+    # torch.optim.SGD keeps no "step"; filled buffers mean the next step is not the first.
+    return 1.0 if entry else spec.init

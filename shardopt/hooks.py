@@ -1,0 +1,153 @@
+"""Backward hooks: copy gradients into buckets and reduce each bucket as it completes.
+
+A post-accumulate-grad hook (``Tensor.register_post_accumulate_grad_hook``,
+the mechanism torch documents for optimizer-in-backward) copies each
+parameter's gradient into its bucket's flat buffer and frees ``p.grad``. When
+every parameter of a bucket has arrived, an asynchronous reduce-scatter
+(stage 2) or all-reduce (stage 1) of the bucket starts, overlapping the rest
+of backward, as DDP's reducer does (Li et al. 2020, "PyTorch Distributed",
+section 3.2.3).
+
+Buckets are launched strictly in plan order: a bucket that is complete waits
+for the ones before it. Ranks then issue the same collectives in the same
+order even when one of them got no gradient for some parameter (an unused
+branch on that rank only); those buckets launch at ``step()`` with zeros in
+place of the missing gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .buffers import BucketBuffers
+from .comm import Communicator
+from .plan import ShardPlan
+
+
+class GradientReducer:
+    def __init__(
+        self,
+        plan: ShardPlan,
+        buffers: list[BucketBuffers],
+        params: dict[int, Tensor],
+        comm: Communicator,
+        *,
+        stage: int,
+        overlap: bool,
+        label: Callable[[Tensor], str],
+        on_reduced: Callable[[], None],
+    ) -> None:
+        self.plan = plan
+        self.buffers = buffers
+        self.params = params
+        self.comm = comm
+        self.stage = stage
+        self.overlap = overlap
+        self.label = label
+        self.sync_enabled = True
+        self.on_reduced = on_reduced
+        self.finished = False
+        self._callback_queued = False
+        self.location: dict[int, tuple[int, int, int]] = {}
+        for bucket in plan.buckets:
+            for slot in bucket.slots:
+                self.location[slot.param] = (bucket.index, slot.offset, slot.numel)
+        self.num_pending = [len(bucket.slots) for bucket in plan.buckets]
+        self.arrived: set[int] = set()
+        self.next_launch = 0
+        self.works: list[Any] = []
+        self.handles = [
+            param.register_post_accumulate_grad_hook(self._make_hook(index))
+            for index, param in params.items()
+        ]
+
+    def _make_hook(self, index: int) -> Callable[[Tensor], None]:
+        def hook(param: Tensor) -> None:
+            if self.sync_enabled:
+                if not self._callback_queued:
+                    # Like DDP, finish the reduction when this backward pass ends,
+                    # so gradients are final as soon as backward() returns.
+                    torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+                    self._callback_queued = True
+                self.take_grad(index, param)
+                if self.overlap:
+                    self.launch_ready()
+
+        return hook
+
+    def take_grad(self, index: int, param: Tensor) -> None:
+        """Move ``param.grad`` into its bucket; ``None`` means a zero gradient."""
+        if index in self.arrived or self.finished:
+            raise RuntimeError(
+                f"{self.label(param)} received a second gradient before step(): "
+                "accumulate micro-batches inside ZeroOptimizer.no_sync() and run the last "
+                "backward outside it"
+            )
+        bucket_index, offset, numel = self.location[index]
+        flat = self.buffers[bucket_index].ensure_grad_flat()
+        target = flat[offset : offset + numel]
+        if param.grad is None:
+            target.zero_()
+        else:
+            if param.grad.is_sparse:
+                raise TypeError(f"{self.label(param)}: sparse gradients are not supported")
+            target.copy_(param.grad.reshape(-1))
+            param.grad = None
+        self.arrived.add(index)
+        self.num_pending[bucket_index] -= 1
+
+    def launch_ready(self) -> None:
+        while self.next_launch < len(self.buffers) and self.num_pending[self.next_launch] == 0:
+            self._launch(self.buffers[self.next_launch])
+            self.next_launch += 1
+
+    def _launch(self, buffers: BucketBuffers) -> None:
+        flat = buffers.ensure_grad_flat()
+        bucket = buffers.bucket
+        # Padding must be zero in the reduction's input: clear the gaps between slots.
+        cursor = 0
+        for slot in sorted(bucket.slots, key=lambda s: s.offset):
+            if slot.offset > cursor:
+                flat[cursor : slot.offset].zero_()
+            cursor = slot.offset + slot.numel
+        flat[cursor:].zero_()
+        if self.stage == 1:
+            buffers.ensure_grad_region()
+            self.works.append(self.comm.all_reduce_avg(flat, async_op=True))
+        else:
+            region = buffers.ensure_grad_region()
+            self.works.append(self.comm.reduce_scatter_avg(region, flat, async_op=True))
+
+    def _end_of_backward(self) -> None:
+        self._callback_queued = False
+        self.finish()
+
+    def finish(self) -> None:
+        """Launch what backward left (missing gradients as zeros) and wait for all."""
+        if self.finished:
+            return
+        for index, param in self.params.items():
+            if index not in self.arrived:
+                self.take_grad(index, param)
+        self.launch_ready()
+        for work in self.works:
+            work.wait()
+        self.works.clear()
+        self.finished = True
+        self.on_reduced()
+
+    def reset(self) -> None:
+        self.finished = False
+        self.arrived.clear()
+        self.num_pending = [len(bucket.slots) for bucket in self.plan.buckets]
+        self.next_launch = 0
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
