@@ -1,0 +1,367 @@
+"""Programs run on every spawned rank by test_zero_dist.py; each returns plain data.
+
+Every check compares ZeroOptimizer on this rank's slice of the batch with the
+unsharded optimizer on the whole batch in the same process (the oracle).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import shardopt
+
+BATCH = 24  # divisible by world sizes 1, 2, 3 and 4
+SEQ = 6
+VOCAB = 17
+
+
+class TinyLM(nn.Module):
+    """A transformer-shaped model with odd sizes and a 1-element parameter."""
+
+    def __init__(self, extra_branch: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 12)
+        self.norm = nn.LayerNorm(12)
+        # No qkv bias: the key bias has an exactly zero gradient (softmax ignores a
+        # shift shared by all keys), so its computed gradient is rounding noise that
+        # Adam and Lion normalise to full-size steps; comparisons would measure noise.
+        self.qkv = nn.Linear(12, 36, bias=False)
+        self.proj = nn.Linear(12, 12, bias=False)
+        self.up = nn.Linear(12, 31)
+        self.down = nn.Linear(31, 12)
+        self.gate = nn.Parameter(torch.full((1,), 0.5))
+        self.lm_head = nn.Linear(12, VOCAB, bias=False)
+        self.branch = nn.Linear(12, 12) if extra_branch else None
+
+    def forward(self, tokens: torch.Tensor, use_branch: bool = False) -> torch.Tensor:
+        h = self.norm(self.embed(tokens))
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        att = torch.softmax(q @ k.transpose(1, 2) / 12**0.5, dim=-1)
+        h = h + self.gate * self.proj(att @ v)
+        h = h + self.down(torch.relu(self.up(h)))
+        if use_branch:
+            h = h + self.branch(h)
+        return self.lm_head(h)
+
+
+def batch(step: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
+
+
+def lm_loss(model: nn.Module, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+    logits = model(tokens[:, :-1], **kwargs)
+    return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+
+def local(tokens: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    return tokens.chunk(world)[rank]
+
+
+def max_diff(a: nn.Module, b: nn.Module) -> float:
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
+
+
+CASES = [
+    ("sgd_nesterov", shardopt.SGD, torch.optim.SGD,
+     dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("sgd_dampening", shardopt.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3)),
+    ("adagrad", shardopt.Adagrad, torch.optim.Adagrad,
+     dict(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01)),
+    # Centered RMSprop divides by sqrt(v - gbar^2), a difference that cancels as
+    # gradients settle, so it amplifies the rounding difference between a mean of
+    # per-rank means and one full-batch mean; a smaller lr keeps the 20-step
+    # comparison meaningful (measured: 5e-7 at lr 1e-3, 1e-5 at lr 1e-2).
+    ("rmsprop", shardopt.RMSprop, torch.optim.RMSprop,
+     dict(lr=1e-3, momentum=0.9, centered=True, weight_decay=0.01)),
+    ("adam", shardopt.Adam, torch.optim.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
+    ("adamw", shardopt.AdamW, torch.optim.AdamW, dict(lr=0.01, betas=(0.9, 0.95), weight_decay=0.1)),
+    ("lion", shardopt.Lion, shardopt.Lion, dict(lr=1e-3, weight_decay=0.1)),
+]
+
+
+def equivalence(rank: int, world: int, steps: int = 20) -> dict[str, float]:
+    """Every elementwise rule at stages 1 and 2 against the unsharded optimizer.
+
+    Rank 0 runs the oracle; every rank reports a digest of its parameters so the
+    test also proves all ranks hold the same model.
+    """
+    out = {}
+    for name, ours, reference, hp in CASES:
+        for stage in (1, 2):
+            torch.manual_seed(0)
+            model = TinyLM()
+            ref = copy.deepcopy(model)
+            opt = shardopt.ZeroOptimizer(model.parameters(), ours, stage=stage, bucket_numel=300, **hp)
+            ref_opt = reference(ref.parameters(), **hp)
+            for step in range(steps):
+                tokens = batch(step)
+                lm_loss(model, local(tokens, rank, world)).backward()
+                opt.step()
+                opt.zero_grad()
+                if rank == 0:
+                    lm_loss(ref, tokens).backward()
+                    ref_opt.step()
+                    ref_opt.zero_grad()
+            if rank == 0:
+                out[f"{name}/stage{stage}"] = max_diff(model, ref)
+            out[f"{name}/stage{stage}/digest"] = digest(model)
+    return out
+
+
+def digest(model: nn.Module) -> list[float]:
+    return [p.detach().double().sum().item() for p in model.parameters()]
+
+
+def suite(rank: int, world: int, programs: list[str]) -> dict[str, object]:
+    """Run several programs in one spawn (a spawn costs seconds; checks cost little)."""
+    return {name: globals()[name](rank, world) for name in programs}
+
+
+def _pair(hp: dict, stage: int = 2, model_kwargs: dict | None = None, **zero_kwargs):
+    torch.manual_seed(0)
+    model = TinyLM(**(model_kwargs or {}))
+    ref = copy.deepcopy(model)
+    opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, stage=stage,
+                                 bucket_numel=300, **zero_kwargs, **hp)
+    return model, ref, opt, torch.optim.AdamW(ref.parameters(), **hp)
+
+
+HP = dict(lr=0.01, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def features(rank: int, world: int) -> dict[str, object]:
+    out: dict[str, object] = {}
+
+    # Clipping by the global norm over all shards equals clip_grad_norm_ + step.
+    model, ref, opt, ref_opt = _pair(HP, max_grad_norm=0.05)
+    for step in range(10):
+        tokens = batch(step)
+        lm_loss(model, local(tokens, rank, world)).backward()
+        opt.step()
+        opt.zero_grad()
+        lm_loss(ref, tokens).backward()
+        ref_norm = nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    out["clip"] = max_diff(model, ref)
+    out["clip_norm_rel"] = abs(opt.last_grad_norm - float(ref_norm)) / float(ref_norm)
+    out["params_digest"] = digest(model)
+
+    # A non-finite gradient on one rank skips the step on every rank.
+    model, ref, opt, ref_opt = _pair(HP)
+    for step in range(8):
+        tokens = batch(step)
+        loss = lm_loss(model, local(tokens, rank, world))
+        if step == 3 and rank == world - 1:
+            loss = loss * float("inf")
+        loss.backward()
+        before = opt.full_state_dict(all_ranks=True) if step == 3 else None
+        opt.step()
+        opt.zero_grad()
+        if step == 3:
+            after = opt.full_state_dict(all_ranks=True)
+            out["skip_state_untouched"] = all(
+                torch.equal(before["state"][i][k], after["state"][i][k])
+                for i in before["state"] for k in before["state"][i]
+            )
+            continue
+        lm_loss(ref, tokens).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    out["skip"] = max_diff(model, ref)
+    out["num_skipped"] = opt.num_skipped_steps
+
+    # Gradient accumulation: two micro-batches per rank, one reduction.
+    for stage in (1, 2):
+        model, ref, opt, ref_opt = _pair(HP, stage=stage)
+        for step in range(6):
+            tokens = batch(step)
+            first, second = local(tokens, rank, world).chunk(2)
+            with opt.no_sync():
+                (lm_loss(model, first) / 2).backward()
+            (lm_loss(model, second) / 2).backward()
+            opt.step()
+            opt.zero_grad()
+            lm_loss(ref, tokens).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+        out[f"no_sync/stage{stage}"] = max_diff(model, ref)
+
+    # A parameter used on rank 0 only: no rank hangs, and the mean is right.
+    model, ref, opt, ref_opt = _pair(HP, model_kwargs={"extra_branch": True})
+    for step in range(5):
+        tokens = batch(step)
+        pieces = tokens.chunk(world)
+        lm_loss(model, pieces[rank], use_branch=rank == 0).backward()
+        opt.step()
+        opt.zero_grad()
+        total = sum(lm_loss(ref, piece, use_branch=i == 0) for i, piece in enumerate(pieces)) / world
+        total.backward()
+        # torch.optim skips a parameter without a gradient; ZeroOptimizer treats it as zero
+        # on ranks that lack it. Every rank here has the branch, so the two agree.
+        ref_opt.step()
+        ref_opt.zero_grad()
+    out["unused_on_some_ranks"] = max_diff(model, ref)
+
+    # Stage 1 keeps the full averaged gradient in p.grad once backward returns.
+    model, ref, opt, ref_opt = _pair(HP, stage=1)
+    tokens = batch(0)
+    lm_loss(model, local(tokens, rank, world)).backward()
+    lm_loss(ref, tokens).backward()
+    out["stage1_grad"] = max((p.grad - q.grad).abs().max().item()
+                             for p, q in zip(model.parameters(), ref.parameters()))
+    return out
+
+
+def precision(rank: int, world: int) -> dict[str, float]:
+    """bf16 parameters with fp32 master weights track an fp32 run."""
+    out: dict[str, float] = {}
+    for reduce_dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = TinyLM().to(torch.bfloat16)
+        torch.manual_seed(0)
+        ref = TinyLM()
+        opt = shardopt.ZeroOptimizer(
+            model.parameters(), shardopt.AdamW, bucket_numel=300,
+            precision=shardopt.PrecisionPolicy(reduce_dtype=reduce_dtype), **HP,
+        )
+        ref_opt = torch.optim.AdamW(ref.parameters(), **HP)
+        for step in range(20):
+            tokens = batch(step)
+            lm_loss(model, local(tokens, rank, world)).backward()
+            opt.step()
+            opt.zero_grad()
+            lm_loss(ref, tokens).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+        name = str(reduce_dtype).removeprefix("torch.")
+        out[f"bf16_params/reduce_{name}"] = max_diff(model, ref)
+        # The fp32 master copy is the oracle's parameter up to the bf16 gradients.
+        out[f"master_bytes/reduce_{name}"] = opt.memory_report()["master_params"]
+    return out
+
+
+def memory_and_comm(rank: int, world: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, bucket_numel=300, **HP)
+    tokens = batch(0)
+    lm_loss(model, local(tokens, rank, world)).backward()
+    opt.step()
+    opt.zero_grad()
+    before = opt.comm_stats()
+    steps = 3
+    for step in range(steps):
+        lm_loss(model, local(batch(step), rank, world)).backward()
+        opt.step()
+        opt.zero_grad()
+    after = opt.comm_stats()
+    report = opt.memory_report()
+    return {
+        "report": report,
+        "per_step": {k: (after[k] - before.get(k, 0)) / steps for k in after},
+        "model_numel": sum(p.numel() for p in model.parameters()),
+        "flat_numel": opt.plan.flat_numel,
+        "state_param_numel": report["optimizer_states"]["exp_avg"] // 4,
+        "num_buckets": len(opt.plan.buckets),
+    }
+
+
+def checkpoints(rank: int, world: int) -> dict[str, float]:
+    """Full state dicts: equal to torch's, and they reshard across plans."""
+    out: dict[str, float] = {}
+    model, ref, opt, ref_opt = _pair(HP)
+    for step in range(5):
+        tokens = batch(step)
+        lm_loss(model, local(tokens, rank, world)).backward()
+        opt.step()
+        opt.zero_grad()
+        lm_loss(ref, tokens).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    full = opt.full_state_dict()
+    if rank == 0:
+        theirs = ref_opt.state_dict()["state"]
+        out["full_vs_torch"] = max(
+            (full["state"][i][k].float() - theirs[i][k].float()).abs().max().item()
+            for i in theirs for k in theirs[i]
+        )
+        out["same_keys"] = float(all(list(full["state"][i]) == list(theirs[i]) for i in theirs))
+    else:
+        out["non_root_gets_none"] = float(full is None)
+    # Reshard: a different plan (bucket size) loads the full state and continues.
+    shared = opt.full_state_dict(all_ranks=True)
+    model2 = copy.deepcopy(model)
+    opt2 = shardopt.ZeroOptimizer(model2.parameters(), shardopt.AdamW, bucket_numel=97, **HP)
+    opt2.load_state_dict(shared)
+    # A torch.optim checkpoint from one process loads too.
+    model3 = copy.deepcopy(model)
+    opt3 = shardopt.ZeroOptimizer(model3.parameters(), shardopt.AdamW, stage=1, **HP)
+    opt3.load_state_dict(ref_opt.state_dict())
+    # The sharded format round-trips and rejects another plan.
+    sharded = opt.state_dict()
+    opt.load_state_dict(sharded)
+    try:
+        opt2.load_state_dict(sharded)
+        out["sharded_mismatch_raises"] = 0.0
+    except ValueError as err:
+        out["sharded_mismatch_raises"] = float("plan" in str(err) or "world_size" in str(err))
+    for step in range(5, 10):
+        tokens = batch(step)
+        for m, o in ((model, opt), (model2, opt2), (model3, opt3)):
+            lm_loss(m, local(tokens, rank, world)).backward()
+            o.step()
+            o.zero_grad()
+        lm_loss(ref, tokens).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    out["resharded"] = max_diff(model2, ref)
+    out["from_torch"] = max_diff(model3, ref)
+    out["continued"] = max_diff(model, ref)
+    return out
+
+
+def mismatch(rank: int, world: int) -> dict[str, str]:
+    """Ranks that disagree on parameters must all raise, not hang."""
+    return {kind: _mismatch(rank, kind) for kind in ("extra", "shape")}
+
+
+def _mismatch(rank: int, kind: str) -> str:
+    torch.manual_seed(0)
+    model = TinyLM(extra_branch=(rank == 1 and kind == "extra"))
+    if rank == 1 and kind == "shape":
+        model.up = nn.Linear(12, 30)
+    try:
+        shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, lr=0.01)
+    except ValueError as err:
+        return str(err)
+    dist.barrier()
+    return "no error"
+
+
+def muon(rank: int, world: int) -> dict[str, float]:
+    """Muon (matrices whole on owner ranks) with its AdamW group equals one process."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    ref = copy.deepcopy(model)
+    hp = dict(lr=0.02, ns_dtype="float32", adamw_lr=0.01)
+    opt = shardopt.ZeroOptimizer(shardopt.muon_param_groups(model), shardopt.Muon,
+                                 bucket_numel=2000, **hp)
+    ref_opt = shardopt.Muon(shardopt.muon_param_groups(ref), **hp)
+    counts = []
+    for step in range(20):
+        tokens = batch(step)
+        lm_loss(model, local(tokens, rank, world)).backward()
+        before = opt.inner.muon_rule.num_orthogonalized
+        opt.step()
+        counts.append(opt.inner.muon_rule.num_orthogonalized - before)
+        opt.zero_grad()
+        lm_loss(ref, tokens).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    return {"diff": max_diff(model, ref), "orthogonalized_per_step": counts}
