@@ -76,7 +76,9 @@ class BucketBuffers:
         if not self.keep_grad_flat:
             self.grad_flat = None
 
-    def allocate_states(self, specs: tuple[StateSpec, ...], matrix_views: list[tuple[int, int, tuple[int, ...]]]) -> None:
+    def allocate_states(
+        self, specs: tuple[StateSpec, ...], matrix_views: list[tuple[int, int, tuple[int, ...]]]
+    ) -> None:
         """Allocate ``specs`` for the used part of the region.
 
         ``matrix_views`` (matrix rules) lists ``(region_offset, numel, shape)`` for each
