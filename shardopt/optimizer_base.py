@@ -114,9 +114,12 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     def init_state(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
         """The state of ``param``, allocating what its rule declares and it lacks."""
+        specs = self.rule_for_group(group).state_specs(group)
+        if not specs and param not in self.state:
+            return {}  # keep no entry at all, as torch.optim.SGD without momentum does
         state = self.state[param]
         loaded = bool(state)
-        for spec in self.rule_for_group(group).state_specs(group):
+        for spec in specs:
             if spec.name not in state:
                 (tensor,) = allocate_state((spec,), param).values()
                 if spec is STEP and loaded:

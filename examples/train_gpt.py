@@ -1,0 +1,252 @@
+"""Train a small byte-level GPT data-parallel with shardopt's ZeroOptimizer.
+
+The text is the Python standard library's own source code, present on every
+machine with Python, read as bytes (no tokenizer, no download).
+
+    torchrun --standalone --nproc-per-node 2 examples/train_gpt.py
+    torchrun --standalone --nproc-per-node 2 examples/train_gpt.py --config configs/muon.toml
+    python examples/train_gpt.py --optimizer sgd --steps 50      # one process
+    mpirun -n 2 python examples/train_gpt.py                      # MPI (needs mpi4py)
+
+Every rank draws the same global batch and trains on its own slice of it, so
+any world size follows the same trajectory as one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpt_model import GPT, PRESETS, num_params  # noqa: E402
+
+import shardopt  # noqa: E402
+from shardopt import schedules  # noqa: E402
+from shardopt.dist import device_for_backend, init_from_env  # noqa: E402
+
+OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "sgd": (shardopt.SGD, {"lr": 0.3}),
+    "momentum": (shardopt.SGD, {"lr": 0.1, "momentum": 0.9}),
+    "nesterov": (shardopt.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    "adagrad": (shardopt.Adagrad, {"lr": 0.02}),
+    "rmsprop": (shardopt.RMSprop, {"lr": 1e-3}),
+    "adam": (shardopt.Adam, {"lr": 3e-3}),
+    "adamw": (shardopt.AdamW, {"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}),
+    "lion": (shardopt.Lion, {"lr": 3e-4, "weight_decay": 0.1}),
+    "muon": (shardopt.Muon, {"lr": 0.02, "adamw_lr": 3e-3}),
+}
+
+DEFAULTS: dict[str, Any] = {
+    "model": "tiny",
+    "optimizer": "adamw",
+    "stage": 2,
+    "steps": 150,
+    "batch_size": 16,
+    "seq_len": 128,
+    "schedule": "warmup_cosine",
+    "warmup_steps": 15,
+    "min_ratio": 0.1,
+    "max_grad_norm": 1.0,
+    "seed": 0,
+    "plot": "runs/loss.png",
+    "data_bytes": 4_000_000,
+    "eval_every": 25,
+    "hyperparameters": {},
+}
+
+
+def load_config(path: str | None) -> dict[str, Any]:
+    config = dict(DEFAULTS)
+    if path is None:
+        return config
+    text = Path(path).read_text()
+    if path.endswith(".toml"):
+        import tomllib
+
+        loaded = tomllib.loads(text)
+    else:
+        loaded = json.loads(text)
+    unknown = set(loaded) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)} (valid: {sorted(DEFAULTS)})")
+    config.update(loaded)
+    return config
+
+
+def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a TOML or JSON file in configs/")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS))
+    parser.add_argument("--stage", type=int, choices=(1, 2))
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int, dest="batch_size", help="global batch (sequences)")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--schedule", choices=sorted(schedules.SCHEDULES))
+    parser.add_argument("--model", choices=sorted(PRESETS))
+    parser.add_argument("--plot", help="loss-curve PNG path ('' to skip)")
+    parser.add_argument("--seed", type=int)
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    for key, value in vars(args).items():
+        if key not in ("config", "lr") and value is not None:
+            config[key] = value
+    config["hyperparameters"] = dict(config["hyperparameters"])
+    if args.lr is not None:
+        config["hyperparameters"]["lr"] = args.lr
+    return config
+
+
+def stdlib_bytes(limit: int) -> torch.Tensor:
+    """The standard library's .py files, concatenated in a fixed order, as bytes."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if total >= limit:
+            break
+    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
+
+
+def build_schedule(config: dict[str, Any]) -> schedules.Schedule:
+    name, steps = config["schedule"], config["steps"]
+    if name == "warmup_cosine":
+        return schedules.warmup_cosine(config["warmup_steps"], steps, min_ratio=config["min_ratio"])
+    if name == "llm_recipe":
+        return schedules.llm_recipe(steps, warmup_steps=config["warmup_steps"], min_ratio=config["min_ratio"])
+    if name == "cosine_decay":
+        return schedules.cosine_decay(steps, min_ratio=config["min_ratio"])
+    return schedules.build_schedule(name)
+
+
+def build_optimizer(model: torch.nn.Module, config: dict[str, Any]) -> shardopt.ZeroOptimizer:
+    optimizer_class, hyperparameters = OPTIMIZERS[config["optimizer"]]
+    hyperparameters = {**hyperparameters, **config["hyperparameters"]}
+    if "betas" in hyperparameters:
+        hyperparameters["betas"] = tuple(hyperparameters["betas"])
+    params = shardopt.muon_param_groups(model) if optimizer_class is shardopt.Muon else model.parameters()
+    return shardopt.ZeroOptimizer(params, optimizer_class, stage=config["stage"],
+                                  max_grad_norm=config["max_grad_norm"] or None, **hyperparameters)
+
+
+def progress(step: int, total: int, loss: float, tokens_per_s: float, lr: float, width: int = 24) -> str:
+    filled = round(width * step / total)
+    bar = "#" * filled + "." * (width - filled)
+    return f"[{bar}] {step:4d}/{total} loss {loss:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    config = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    launched = init_from_env()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    device = device_for_backend()
+    if config["batch_size"] % world:
+        raise ValueError(f"batch_size {config['batch_size']} is not divisible by the world size {world}")
+    torch.manual_seed(config["seed"])
+    preset = PRESETS[config["model"]]
+    model_config = type(preset)(**{**preset.__dict__, "seq_len": config["seq_len"]})
+    model = GPT(model_config).to(device)
+    opt = build_optimizer(model, config)
+    scheduler = schedules.as_lr_scheduler(opt, build_schedule(config))
+    data = stdlib_bytes(config["data_bytes"])
+    split = int(0.95 * len(data))
+    train, val = data[:split], data[split:]
+    if rank == 0:
+        how = launched.launcher if launched else "single process"
+        print(f"shardopt example: {num_params(model):,} parameters, {world} rank(s) via {how}, "
+              f"{config['optimizer']} ZeRO-{config['stage']}, {config['steps']} steps, "
+              f"{len(data):,} bytes of stdlib source")
+    gen = torch.Generator().manual_seed(config["seed"])
+    seq = config["seq_len"] + 1
+    history: list[tuple[int, float]] = []
+    evals: list[tuple[int, float]] = []
+    start = time.perf_counter()
+    tokens_seen = 0
+    for step in range(1, config["steps"] + 1):
+        starts = torch.randint(0, len(train) - seq, (config["batch_size"],), generator=gen)
+        batch = torch.stack([train[s : s + seq] for s in starts.tolist()])
+        local = batch.chunk(world)[rank].to(device)
+        loss = model.loss(local)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        scheduler.step()
+        mean_loss = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
+        history.append((step, mean_loss.item()))
+        tokens_seen += batch.numel() - batch.shape[0]
+        if step % config["eval_every"] == 0 or step == config["steps"]:
+            evals.append((step, evaluate(model, val, seq, config["seed"], device)))
+        if rank == 0 and (step % 10 == 0 or step == config["steps"]):
+            rate = tokens_seen / (time.perf_counter() - start)
+            print(progress(step, config["steps"], history[-1][1], rate, opt.param_groups[0]["lr"]), flush=True)
+    report = opt.memory_report()
+    state_bytes = sum(report["optimizer_states"].values()) + report["master_params"]
+    per_rank = [state_bytes]
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, state_bytes)
+        per_rank = gathered
+    result = {"final_loss": history[-1][1], "val_loss": evals[-1][1], "history": history, "evals": evals,
+              "state_bytes_per_rank": per_rank, "comm_bytes": opt.comm_stats(), "world_size": world}
+    if rank == 0:
+        unsharded = sum(opt.inner.rule_for_group(g).state_bytes(g, p.numel(), torch.float32)
+                        for g in opt.param_groups for p in g["params"])
+        print(f"optimizer state per rank: {', '.join(f'{b / 2**20:.2f} MiB' for b in per_rank)} "
+              f"(unsharded: {unsharded / 2**20:.2f} MiB); validation loss {evals[-1][1]:.3f}")
+        if config["plot"]:
+            write_plot(config["plot"], history, evals, config)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: GPT, val: torch.Tensor, seq: int, seed: int, device: torch.device, batches: int = 4) -> float:
+    gen = torch.Generator().manual_seed(seed + 1)
+    starts = torch.randint(0, len(val) - seq, (batches * 8,), generator=gen)
+    batch = torch.stack([val[s : s + seq] for s in starts.tolist()]).to(device)
+    return float(model.loss(batch))
+
+
+def write_plot(path: str, history: list, evals: list, config: dict[str, Any]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'shardopt[dev]'); no plot written")
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*history), label="train (mean over ranks)", lw=1)
+    ax.plot(*zip(*evals), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/byte)")
+    ax.set_ylim(top=min(6.0, max(loss for _, loss in history) + 0.2))
+    ax.set_title(f"{config['optimizer']} ZeRO-{config['stage']} on stdlib bytes")
+    ax.axhline(math.log(256), color="grey", ls=":", lw=1, label="uniform (ln 256)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Start torch.distributed from whatever launched this process.
+
+:func:`launch_env` reads the launcher's variables into a :class:`LaunchEnv`
+(pure, unit-tested); :func:`init_from_env` turns it into a process group.
+
+Recognised launchers, first match wins:
+
+* torchrun / torch.distributed.run: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+  ``MASTER_ADDR``, ``MASTER_PORT``.
+* Open MPI: ``OMPI_COMM_WORLD_RANK``, ``OMPI_COMM_WORLD_SIZE``,
+  ``OMPI_COMM_WORLD_LOCAL_RANK``.
+* MPICH / Intel MPI (PMI): ``PMI_RANK``, ``PMI_SIZE``, ``MPI_LOCALRANKID``.
+* Slurm (``srun``): ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; the
+  master is the first host of ``SLURM_JOB_NODELIST`` unless ``MASTER_ADDR`` is set.
+
+Under MPI, when no ``MASTER_ADDR``/``MASTER_PORT`` is given, rank 0 binds a
+free port on ``127.0.0.1`` (single node) or on its host name, and mpi4py
+broadcasts the address, so nothing has to be exported by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str | None
+    master_port: int | None
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    value = env[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"Invalid environment: {name}={value!r} is not an integer") from None
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list such as ``gpu[003-005,9],cpu1`` -> ``gpu003``."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match or not match.group(1):
+        raise ValueError(f"Invalid environment: cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = match.group(1), match.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv | None:
+    """The launcher's view of this process, or ``None`` when started alone."""
+    env = os.environ if env is None else env
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else None
+    addr = env.get("MASTER_ADDR")
+    if "RANK" in env and "WORLD_SIZE" in env:
+        found = LaunchEnv("torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"),
+                          _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0, addr, port)
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        found = LaunchEnv("openmpi", _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE"),
+                          _int(env, "OMPI_COMM_WORLD_LOCAL_RANK") if "OMPI_COMM_WORLD_LOCAL_RANK" in env else 0,
+                          addr, port)
+    elif "PMI_RANK" in env:
+        found = LaunchEnv("pmi", _int(env, "PMI_RANK"), _int(env, "PMI_SIZE"),
+                          _int(env, "MPI_LOCALRANKID") if "MPI_LOCALRANKID" in env else 0, addr, port)
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        if addr is None and "SLURM_JOB_NODELIST" in env:
+            addr = first_slurm_host(env["SLURM_JOB_NODELIST"])
+        found = LaunchEnv("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
+                          _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0, addr,
+                          port if port is not None else DEFAULT_PORT)
+    else:
+        return None
+    if found.world_size < 1:
+        raise ValueError(f"Invalid environment ({found.launcher}): world size {found.world_size} < 1")
+    if not 0 <= found.rank < found.world_size:
+        raise ValueError(
+            f"Invalid environment ({found.launcher}): rank {found.rank} is not in [0, {found.world_size})"
+        )
+    if found.local_rank < 0 or found.local_rank > found.rank:
+        raise ValueError(
+            f"Invalid environment ({found.launcher}): local rank {found.local_rank} for global rank {found.rank}"
+        )
+    if found.launcher in ("torchrun", "slurm") and found.world_size > 1 and found.master_addr is None:
+        raise ValueError(
+            f"Invalid environment ({found.launcher}): MASTER_ADDR is required for a multi-process job"
+        )
+    return found
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _mpi_rendezvous(found: LaunchEnv) -> tuple[str, int]:
+    """Rank 0 picks an address and a free port; mpi4py broadcasts them."""
+    try:
+        from mpi4py import MPI
+    except ImportError as err:
+        raise RuntimeError(
+            "Started by mpirun without MASTER_ADDR/MASTER_PORT: install mpi4py "
+            "(pip install 'shardopt[mpi]') or export both variables"
+        ) from err
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != found.world_size:
+        raise ValueError(f"Invalid environment: MPI world size {comm.Get_size()} != launcher's {found.world_size}")
+    chosen = None
+    if found.rank == 0:
+        local_size = os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or os.environ.get("MPI_LOCALNRANKS")
+        single_node = local_size is not None and int(local_size) == found.world_size
+        # Loopback when every rank is on this host; otherwise an address peers can reach.
+        host = found.master_addr or ("127.0.0.1" if single_node else socket.gethostname())
+        chosen = (host, found.master_port or _free_port(host))
+    return comm.bcast(chosen, root=0)
+
+
+def default_backend() -> str:
+    """NCCL when this process can see a GPU, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+
+
+def init_from_env(backend: str | None = None, *, timeout_s: float = 600.0) -> LaunchEnv | None:
+    """Initialise the default process group from the launcher's environment.
+
+    Returns the :class:`LaunchEnv`, or ``None`` (and initialises nothing) when
+    the process was started alone. Under NCCL each process takes GPU
+    ``local_rank``.
+    """
+    import datetime
+
+    found = launch_env()
+    if found is None or dist.is_initialized():
+        return found
+    backend = backend or default_backend()
+    addr, port = found.master_addr, found.master_port
+    if found.launcher in ("openmpi", "pmi") and (addr is None or port is None):
+        addr, port = _mpi_rendezvous(found)
+    os.environ.update({"MASTER_ADDR": addr or "127.0.0.1", "MASTER_PORT": str(port or DEFAULT_PORT),
+                       "RANK": str(found.rank), "WORLD_SIZE": str(found.world_size),
+                       "LOCAL_RANK": str(found.local_rank)})
+    if backend == "nccl":
+        torch.cuda.set_device(found.local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend, rank=found.rank, world_size=found.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return found
+
+
+def device_for_backend() -> torch.device:
+    """The device collectives of the current backend need."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
