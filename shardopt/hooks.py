@@ -27,6 +27,8 @@ from .buffers import BucketBuffers
 from .comm import Communicator
 from .plan import ShardPlan
 
+MAX_IN_FLIGHT = 2
+
 
 class GradientReducer:
     def __init__(
@@ -59,7 +61,8 @@ class GradientReducer:
         self.num_pending = [len(bucket.slots) for bucket in plan.buckets]
         self.arrived: set[int] = set()
         self.next_launch = 0
-        self.works: list[Any] = []
+        # (buffers, work) of launched reductions not yet waited for.
+        self.in_flight: list[tuple[BucketBuffers, Any]] = []
         self.handles = [
             param.register_post_accumulate_grad_hook(self._make_hook(index))
             for index, param in params.items()
@@ -117,10 +120,15 @@ class GradientReducer:
         flat[cursor:].zero_()
         if self.stage == 1:
             buffers.ensure_grad_region()
-            self.works.append(self.comm.all_reduce_avg(flat, async_op=True))
+            self.in_flight.append((buffers, self.comm.all_reduce_avg(flat, async_op=True)))
         else:
             region = buffers.ensure_grad_region()
-            self.works.append(self.comm.reduce_scatter_avg(region, flat, async_op=True))
+            self.in_flight.append((buffers, self.comm.reduce_scatter_avg(region, flat, async_op=True)))
+            # Stage 2 keeps at most MAX_IN_FLIGHT full-bucket gradient buffers alive:
+            # waiting for the oldest frees it, so peak gradient memory is this rank's
+            # regions plus a bounded window, not the whole model's gradients.
+            while len(self.in_flight) > MAX_IN_FLIGHT:
+                self._complete(*self.in_flight.pop(0))
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
@@ -134,11 +142,15 @@ class GradientReducer:
             if index not in self.arrived:
                 self.take_grad(index, param)
         self.launch_ready()
-        for work in self.works:
-            work.wait()
-        self.works.clear()
+        while self.in_flight:
+            self._complete(*self.in_flight.pop(0))
         self.finished = True
         self.on_reduced()
+
+    @staticmethod
+    def _complete(buffers: BucketBuffers, work: Any) -> None:
+        work.wait()
+        buffers.release_grad_flat()
 
     def reset(self) -> None:
         self.finished = False

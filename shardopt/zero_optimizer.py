@@ -233,7 +233,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.last_grad_norm = math.sqrt(sum_sq) if math.isfinite(sum_sq) else math.inf
         if num_nonfinite > 0:
             self.num_skipped_steps += 1
-            self._end_step()
+            self.reducer.reset()
             return loss
         if self.max_grad_norm is not None:
             coef = self.max_grad_norm / (self.last_grad_norm + 1e-6)
@@ -248,7 +248,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             works.append(self.comm.all_gather_inplace(buffers.param_flat, async_op=True))
         for work in works:
             work.wait()
-        self._end_step()
+        self.reducer.reset()
         return loss
 
     def _grad_regions(self) -> list[Tensor]:
@@ -292,11 +292,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     group_grads.append(grad)
                     states.append(buffers.states)
             self.inner.rule_for_group(group).update(params, group_grads, states, group)
-
-    def _end_step(self) -> None:
-        self.reducer.reset()
-        for buffers in self.buffers:
-            buffers.release_grad_flat()
 
     # ---------------------------------------------------------- introspection
 
