@@ -15,7 +15,7 @@ from dist_harness import run_ranks
 TOL = 1e-6
 PROGRAMS = {
     1: ["equivalence", "muon"],
-    2: ["equivalence", "features", "precision", "memory_and_comm", "checkpoints", "muon"],
+    2: ["equivalence", "features", "precision", "memory_and_comm", "checkpoints", "muon", "ddp_detect"],
     3: ["equivalence", "features", "memory_and_comm", "checkpoints", "muon"],
     4: ["equivalence", "memory_and_comm", "muon"],
 }
@@ -118,3 +118,8 @@ def test_muon_owner_ranks_equal_single_process(world_size):
     num_matrices = 4
     totals = [sum(out["orthogonalized_per_step"][s] for out in outs) for s in range(20)]
     assert totals == [num_matrices] * 20
+
+
+def test_ddp_wrapped_model_is_refused():
+    for message in per_rank(2, "ddp_detect"):
+        assert "DistributedDataParallel" in message and "module.parameters()" in message, message

@@ -365,3 +365,16 @@ def muon(rank: int, world: int) -> dict[str, float]:
         ref_opt.step()
         ref_opt.zero_grad()
     return {"diff": max_diff(model, ref), "orthogonalized_per_step": counts}
+
+
+def ddp_detect(rank: int, world: int) -> str:
+    """A model wrapped in DDP is refused with a clear error on every rank."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    wrapped = DistributedDataParallel(TinyLM())
+    try:
+        shardopt.ZeroOptimizer(wrapped.parameters(), shardopt.AdamW, lr=0.01)
+    except ValueError as err:
+        return str(err)
+    return "no error"
