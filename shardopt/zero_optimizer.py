@@ -360,7 +360,8 @@ def _reject_ddp(params: Any, label: Callable[[Tensor], str]) -> None:
 
     ours = {id(p): p for p in params}
     for obj in gc.get_objects():
-        if isinstance(obj, DistributedDataParallel):
+        # type(), not isinstance(): some objects warn when their __class__ is read.
+        if issubclass(type(obj), DistributedDataParallel):
             for param in obj.module.parameters():
                 if id(param) in ours:
                     raise ValueError(

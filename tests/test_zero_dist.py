@@ -17,7 +17,7 @@ PROGRAMS = {
     1: ["equivalence", "muon"],
     2: ["equivalence", "features", "precision", "memory_and_comm", "checkpoints", "muon", "ddp_detect"],
     3: ["equivalence", "features", "memory_and_comm", "checkpoints", "muon"],
-    4: ["equivalence", "memory_and_comm", "muon"],
+    4: ["equivalence", "memory_and_comm", "muon", "startup"],
 }
 
 
@@ -123,3 +123,11 @@ def test_muon_owner_ranks_equal_single_process(world_size):
 def test_ddp_wrapped_model_is_refused():
     for message in per_rank(2, "ddp_detect"):
         assert "DistributedDataParallel" in message and "module.parameters()" in message, message
+
+
+def test_construction_broadcasts_rank0_and_empty_regions_work():
+    outs = per_rank(4, "startup")
+    for rank, out in enumerate(outs):
+        assert out["broadcast_equals_rank0_init"] is True
+        assert out["tiny"] <= TOL
+        assert out["empty_region"] is (rank > 0)

@@ -378,3 +378,41 @@ def ddp_detect(rank: int, world: int) -> str:
     except ValueError as err:
         return str(err)
     return "no error"
+
+
+class Tiny(nn.Module):
+    """Fewer elements than ranks: most regions are empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([0.5]))
+        self.b = nn.Parameter(torch.tensor([1.0, -2.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.a * x[:, :1] + self.b * x[:, 1:]).pow(2).mean()
+
+
+def startup(rank: int, world: int) -> dict[str, object]:
+    out: dict[str, object] = {}
+    # Ranks initialise differently; construction broadcasts rank 0's parameters.
+    torch.manual_seed(rank)
+    model = TinyLM()
+    shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, lr=0.01)
+    torch.manual_seed(0)
+    out["broadcast_equals_rank0_init"] = digest(model) == digest(TinyLM())
+    # More ranks than elements.
+    tiny, ref = Tiny(), Tiny()
+    opt = shardopt.ZeroOptimizer(tiny.parameters(), shardopt.SGD, lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(BATCH, 3, generator=gen)
+        tiny(local(x, rank, world)).backward()
+        opt.step()
+        opt.zero_grad()
+        ref(x).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    out["tiny"] = max_diff(tiny, ref)
+    out["empty_region"] = opt.buffers[0].used_numel == 0
+    return out

@@ -1,0 +1,151 @@
+"""ZeroOptimizer without a process group: it must behave like the wrapped optimizer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import zero_workers as w
+from torch import nn
+
+import shardopt
+from shardopt import schedules
+
+
+def run(model, opt, steps=10, start=0):
+    for step in range(start, start + steps):
+        w.lm_loss(model, w.batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize(("name", "ours", "reference", "hp"), w.CASES, ids=[c[0] for c in w.CASES])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_world_size_one_equals_the_wrapped_optimizer_bitwise(name, ours, reference, hp, stage):
+    torch.manual_seed(0)
+    model = w.TinyLM()
+    ref = copy.deepcopy(model)
+    run(model, shardopt.ZeroOptimizer(model.parameters(), ours, stage=stage, **hp))
+    run(ref, reference(ref.parameters(), **hp))
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_torch_optim_classes_map_to_shardopt_and_others_are_refused():
+    model = w.TinyLM()
+    opt = shardopt.ZeroOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
+    assert isinstance(opt.inner, shardopt.AdamW)
+    with pytest.raises(TypeError, match="optimizer_class"):
+        shardopt.ZeroOptimizer(w.TinyLM().parameters(), torch.optim.LBFGS)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"stage": 3}, ValueError, "stage"),
+        ({"stage": True}, ValueError, "stage"),
+        ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm"),
+        ({"max_grad_norm": float("nan")}, ValueError, "max_grad_norm"),
+        ({"lr": -1.0}, ValueError, "lr"),
+        ({"betas": (1.0, 0.9)}, ValueError, "beta"),
+        ({"bucket_numel": 0}, ValueError, "bucket_numel"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        shardopt.ZeroOptimizer(w.TinyLM().parameters(), shardopt.AdamW, **kwargs)
+
+
+def test_add_param_group_after_construction_is_refused():
+    opt = shardopt.ZeroOptimizer(w.TinyLM().parameters(), shardopt.AdamW)
+    with pytest.raises(RuntimeError, match="add_param_group"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
+
+
+def test_torch_and_shardopt_schedulers_drive_param_groups():
+    torch.manual_seed(0)
+    model = w.TinyLM()
+    ref = copy.deepcopy(model)
+    opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, lr=0.01)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.01)
+    sched = schedules.as_lr_scheduler(opt, schedules.warmup_cosine(3, 10))
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, schedules.warmup_cosine(3, 10))
+    step_lr = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    ref_step_lr = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=4, gamma=0.5)
+    for step in range(10):
+        run(model, opt, 1, step)
+        run(ref, ref_opt, 1, step)
+        for s in (sched, step_lr, ref_sched, ref_step_lr):
+            s.step()
+        assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+
+
+def test_frozen_parameters_are_left_out_and_untouched():
+    torch.manual_seed(0)
+    model = w.TinyLM()
+    model.embed.weight.requires_grad_(False)
+    frozen = model.embed.weight.detach().clone()
+    opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, lr=0.01, weight_decay=0.5)
+    run(model, opt, 3)
+    assert torch.equal(model.embed.weight, frozen)
+    index = next(i for i, p in enumerate(model.parameters()) if p is model.embed.weight)
+    assert all(slot.param != index for b in opt.plan.buckets for slot in b.slots)
+    # The full state dict is keyed like the unsharded optimizer's: the frozen one has no state.
+    state = opt.full_state_dict()["state"]
+    assert index not in state and len(state) == len(list(model.parameters())) - 1
+
+
+def test_parameters_are_views_of_the_bucket_buffers():
+    model = w.TinyLM()
+    opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, bucket_numel=300)
+    storages = {b.param_flat.untyped_storage().data_ptr() for b in opt.buffers}
+    for param in model.parameters():
+        assert param.untyped_storage().data_ptr() in storages
+
+
+def test_second_backward_without_no_sync_is_a_clear_error():
+    model = w.TinyLM()
+    opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW)
+    w.lm_loss(model, w.batch(0)).backward()
+    with pytest.raises(RuntimeError, match="no_sync"):
+        w.lm_loss(model, w.batch(1)).backward()
+    del opt
+
+
+def test_memory_report_is_measured_and_fp32_has_no_master_copy():
+    model = w.TinyLM()
+    numel = sum(p.numel() for p in model.parameters())
+    opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW)
+    before = opt.memory_report()
+    assert before["optimizer_states"] == {}
+    run(model, opt, 1)
+    report = opt.memory_report()
+    assert report["master_params"] == 0
+    assert report["optimizer_states"]["exp_avg"] == numel * 4
+    assert report["optimizer_states"]["exp_avg_sq"] == numel * 4
+    assert report["optimizer_states"]["step"] == 4 * len(opt.plan.buckets)
+    assert report["params"] == opt.plan.flat_numel * 4
+    assert report["total"] >= report["params"] + report["grads"] + 8 * numel
+
+
+def test_manual_gradients_without_backward_hooks_are_used():
+    torch.manual_seed(0)
+    model = w.TinyLM()
+    ref = copy.deepcopy(model)
+    opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.SGD, lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        g = torch.randn_like(p)
+        p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    ref_opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+
+
+def test_named_parameters_label_errors():
+    model = w.TinyLM()
+    model.gate.data = model.gate.data.to(torch.complex64)
+    with pytest.raises(TypeError, match="gate"):
+        shardopt.ZeroOptimizer(model.named_parameters(), shardopt.AdamW)
