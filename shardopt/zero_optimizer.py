@@ -154,24 +154,35 @@ class ZeroOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def _verify_same_params(self, infos: list[ParamInfo]) -> None:
-        """Raise, on every rank, if ranks disagree on the parameters (instead of hanging)."""
+        """Raise, on every rank, if ranks disagree on parameters or settings (instead of hanging).
+
+        One all-gather of a fixed-size digest of the plan and of every setting that
+        decides which collectives run; only on a mismatch do ranks exchange the
+        readable descriptions to name the first difference.
+        """
         if not self.comm.active:
             return
-        text = repr([(i.index, i.shape, i.dtype, i.group, i.granularity.value) for i in infos])
-        mine = digest_tensor(text, self.device)
+        settings = {"stage": self.stage, "reduce_dtype": str(self.precision.reduce_dtype),
+                    "bucket_numel": self.plan.bucket_numel, "max_grad_norm": self.max_grad_norm is not None}
+        mine = digest_tensor(repr((self.plan.fingerprint(), sorted(settings.items()))), self.device)
         gathered = torch.empty(self.comm.world_size * mine.numel(), dtype=mine.dtype, device=self.device)
         self.comm.all_gather_into(gathered, mine)
         if bool((gathered.view(self.comm.world_size, -1) == mine).all()):
             return
-        views = self.comm.all_gather_objects([i.describe() for i in infos])
-        for position in range(max(len(v) for v in views)):
-            column = [v[position] if position < len(v) else "<missing>" for v in views]
+        views = self.comm.all_gather_objects(([i.describe() for i in infos], settings))
+        for position in range(max(len(v[0]) for v in views)):
+            column = [v[0][position] if position < len(v[0]) else "<missing>" for v in views]
             if len(set(column)) > 1:
                 detail = "; ".join(f"rank {r}: {c}" for r, c in enumerate(column))
                 raise ValueError(
                     f"Invalid params: ranks hold different parameters; first mismatch at "
                     f"trainable parameter #{position}: {detail}"
                 )
+        for key in settings:
+            values = [v[1][key] for v in views]
+            if len(set(values)) > 1:
+                listed = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+                raise ValueError(f"Invalid {key}: ranks disagree ({listed})")
         raise ValueError("Invalid params: ranks disagree on parameter groups or granularity")
 
     def _make_buffers(self, bucket: Any) -> BucketBuffers:

@@ -328,7 +328,13 @@ def checkpoints(rank: int, world: int) -> dict[str, float]:
 
 def mismatch(rank: int, world: int) -> dict[str, str]:
     """Ranks that disagree on parameters must all raise, not hang."""
-    return {kind: _mismatch(rank, kind) for kind in ("extra", "shape")}
+    out = {kind: _mismatch(rank, kind) for kind in ("extra", "shape")}
+    try:
+        shardopt.ZeroOptimizer(TinyLM().parameters(), shardopt.AdamW, stage=1 + rank % 2)
+        out["stage"] = "no error"
+    except ValueError as err:
+        out["stage"] = str(err)
+    return out
 
 
 def _mismatch(rank: int, kind: str) -> str:
