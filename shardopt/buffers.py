@@ -57,7 +57,9 @@ class BucketBuffers:
 
     def ensure_grad_flat(self) -> Tensor:
         if self.grad_flat is None:
-            self.grad_flat = torch.zeros(
+            # Uninitialised: every slot is written by a gradient (or zeros when it
+            # has none), and the reducer zeroes the padding before the collective.
+            self.grad_flat = torch.empty(
                 self.bucket.flat_numel, dtype=self.reduce_dtype, device=self.param_flat.device
             )
         return self.grad_flat
