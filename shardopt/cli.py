@@ -1,0 +1,329 @@
+"""``shardopt plan``: per-GPU memory of a training configuration, from the planner.
+
+A thin command line over :func:`shardopt.memory.estimate` (``main(argv=None)``
+so tests call it, as ``torch/distributed/run.py`` does). One configuration
+prints a table with each row's formula source; comma lists
+(``--optimizer adamw,muon --zero-stage 0,1,2,3 --dp 8,64``) print one line per
+combination; ``--search`` finds the smallest data-parallel size per ZeRO stage
+that fits ``--gpu``; ``--plot`` draws memory against data-parallel size.
+
+Example::
+
+    shardopt plan --model llama2-70b --optimizer muon --zero-stage 2 --dp 64 --gpu h100-80gb
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import memory
+from .hooks import MAX_IN_FLIGHT
+from .plan import DEFAULT_BUCKET_NUMEL
+from .presets import PRESETS
+
+CATEGORIES = ("params", "grads", "master_params", "optimizer_states", "activations", "buffers")
+GB, GIB = 1e9, float(1 << 30)
+
+
+def _count(text: str) -> int:
+    """``7.5e9``, ``7_500_000_000`` or ``7,500,000,000`` -> 7500000000."""
+    clean = text.replace("_", "").replace(",", "")
+    try:
+        value = int(clean) if clean.isdigit() else float(clean)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count such as 7.5e9, got {text!r}") from None
+    if value != int(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole count >= 1, got {text!r}")
+    return int(value)
+
+
+def _list(convert: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        return [convert(item.strip()) for item in text.split(",") if item.strip()]
+
+    return parse
+
+
+def _choice(kind: str, choices: Sequence[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"unknown {kind} {text!r} (choose from {', '.join(choices)})")
+        return text
+
+    return parse
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
+def _stage(text: str) -> int:
+    if text not in ("0", "1", "2", "3"):
+        raise argparse.ArgumentTypeError(f"unknown ZeRO stage {text!r} (choose from 0, 1, 2, 3)")
+    return int(text)
+
+
+def _gpu(text: str) -> str | int:
+    if text.isdigit():
+        return int(text)
+    return _choice("gpu", list(memory.GPUS) + ["BYTES"])(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardopt", description="shardopt command line tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "plan", help="per-GPU memory of a training configuration",
+        description="Per-GPU bytes of training a model with ZeRO, from the same shard plan and optimizer state "
+                    "declarations ZeroOptimizer uses. Comma lists in --optimizer/--zero-stage/--dp print one line "
+                    "per combination. Formulas and assumptions: docs/planner.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help=f"a preset ({', '.join(PRESETS)}) or a Hugging Face config.json")
+    source.add_argument("--params", type=_count, help="a bare parameter count, e.g. 7.5e9 (no activations)")
+    p.add_argument("--optimizer", type=_list(_choice("optimizer", list(memory.OPTIMIZERS))), default=["adamw"],
+                   help=f"one of {', '.join(memory.OPTIMIZERS)} (comma list: one line each)")
+    p.add_argument("--precision", type=_choice("precision", list(memory.PRECISIONS)), default="mixed",
+                   help="fp32 | bf16 (states too) | mixed (bf16 params and grads, fp32 master and states)")
+    p.add_argument("--zero-stage", type=_list(_stage), default=[2], help="0, 1, 2 or 3 (comma list)")
+    p.add_argument("--dp", type=_list(_positive), default=[1], help="data-parallel size (comma list)")
+    p.add_argument("--tp", type=_positive, default=1, help="tensor-parallel size (Megatron splits)")
+    p.add_argument("--pp", type=_positive, default=1, help="pipeline-parallel size (1F1B schedule)")
+    p.add_argument("--seq-len", type=_positive, default=4096, help="tokens per sequence (activations)")
+    p.add_argument("--micro-batch", type=_positive, default=1, help="sequences per micro-batch (activations)")
+    p.add_argument("--recompute", type=_choice("recompute", ["none", "selective", "full"]), default="selective",
+                   help="activation recomputation (selective = what flash attention stores)")
+    p.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (needs --tp)")
+    p.add_argument("--gpu", type=_gpu, default="h100-80gb", help=f"{' | '.join(memory.GPUS)} | BYTES")
+    p.add_argument("--bucket-numel", type=_positive, default=DEFAULT_BUCKET_NUMEL,
+                   help="ZeroOptimizer(bucket_numel=...)")
+    p.add_argument("--search", action="store_true",
+                   help="smallest data-parallel size per ZeRO stage that fits --gpu, and the choice")
+    p.add_argument("--max-dp", type=_positive, default=4096, help="largest data-parallel size for --search/--plot")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plot", metavar="FILE.png", help="plot per-rank memory against dp for stages 0-3")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _plan(args)
+    except ValueError as err:
+        print(f"shardopt plan: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _estimate(args: argparse.Namespace, optimizer: str, stage: int, dp: int) -> memory.MemoryReport:
+    return memory.estimate(
+        args.model if args.params is None else args.params, optimizer=optimizer, precision=args.precision,
+        zero_stage=stage, dp=dp, tp=args.tp, pp=args.pp, seq_len=args.seq_len, micro_batch=args.micro_batch,
+        recompute=args.recompute, sequence_parallel=args.sequence_parallel, gpu=args.gpu,
+        bucket_numel=args.bucket_numel,
+    )
+
+
+def _plan(args: argparse.Namespace) -> int:
+    if args.sequence_parallel and args.tp == 1:
+        raise ValueError("Invalid sequence_parallel: it splits activations across --tp ranks; give --tp > 1")
+    if args.search or args.plot:
+        if len(args.optimizer) > 1:
+            raise ValueError("Invalid optimizer: --search and --plot take one optimizer")
+    if args.plot:
+        _plot(args, args.plot)
+    if args.search:
+        return _search(args)
+    reports = [_estimate(args, o, s, d) for o in args.optimizer for s in args.zero_stage for d in args.dp]
+    if args.json:
+        print(json.dumps(reports[0].to_json() if len(reports) == 1 else [r.to_json() for r in reports], indent=2))
+    elif len(reports) == 1:
+        print(render(reports[0]))
+    else:
+        print(render_sweep(reports))
+    return 0
+
+
+# ------------------------------------------------------------------ tables
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GB:10.2f} {nbytes / GIB:10.2f}"
+
+
+def _sources(r: memory.MemoryReport) -> dict[str, str]:
+    p = r.precision
+    p_item, r_item = memory.itemsize(p.param), memory.itemsize(p.reduce)
+    keep_flat = r.zero_stage <= 1 or r.plan_world_size == 1
+    where = "this rank's region" if r.zero_stage == 3 else "every bucket, padding included"
+    grads = "whole flat gradient, all-reduced in place" if keep_flat else "this rank's gradient region"
+    rules = "; ".join(f"{rule}: {', '.join(names) or 'no state'}" for rule, names in r.settings["specs"].items())
+    s = r.settings
+    acts = (f"Korthikanti et al. 2022 Table 2, recompute={s['recompute']}, s={s['seq_len']} b={s['micro_batch']} "
+            f"t={r.tp}{' SP' if s['sequence_parallel'] else ''}; {r.pp - r.pipeline_stage} micro-batch(es) in "
+            "flight (1F1B); shardopt.activations") if r.activations else "not modelled (no architecture)"
+    return {
+        "params": f"{r.rank.params // p_item:,} el x {p_item} B {p.param}: {where} (ZeRO sec. 5)",
+        "grads": f"{r.rank.grads // r_item:,} el x {r_item} B {p.reduce}: {grads} (ZeRO sec. 5.2)",
+        "master_params": ("fp32 copy of this rank's region (ZeRO sec. 3, mixed precision)" if r.rank.master_params
+                          else "aliases the parameter region: 0 B"),
+        "optimizer_states": f"state_specs() over this rank's used region: {rules} (ZeRO sec. 5.1)",
+        "activations": acts,
+        "buffers": "transients: stage-2 reducer replayed on the backward order (hooks.py), stage-3 gather "
+                   f"of MAX_IN_FLIGHT + 1 = {MAX_IN_FLIGHT + 1} largest buckets, step()'s grad cast, Muon temporaries",
+    }
+
+
+def render(r: memory.MemoryReport) -> str:
+    """The default table: one row per category (and its parts), GB and GiB, and the source."""
+    header = (f"shardopt plan: {r.model}, {r.optimizer}, {r.precision.name} precision, ZeRO-{r.zero_stage}, "
+              f"dp={r.dp} x tp={r.tp} x pp={r.pp} = {r.dp * r.tp * r.pp} GPUs")
+    lines = [
+        header,
+        f"  {r.total_params:,} parameters ({r.matrix_params:,} in hidden matrices); one rank's tp/pp share: "
+        f"{r.stage_params:,}",
+        f"  busiest: data-parallel rank {r.rank.rank} of pipeline stage {r.pipeline_stage}; plan: {r.num_buckets} "
+        f"buckets of <= {r.settings['bucket_numel']:,} elements over {r.plan_world_size} rank(s)",
+        "",
+        f"  {'category':<24}{'GB':>10} {'GiB':>10}  formula (source)",
+    ]
+    sources = _sources(r)
+    parts = {"optimizer_states": r.rank.optimizer_states, "activations": r.activations, "buffers": r.rank.buffers}
+    for category, nbytes in r.per_rank_bytes().items():
+        if category == "total":
+            continue
+        lines.append(f"  {category:<24}{_size(nbytes)}  {sources[category]}")
+        for name, part in parts.get(category, {}).items():
+            lines.append(f"    {name:<22}{_size(part)}")
+    lines.append(f"  {'total':<24}{_size(r.total)}")
+    verdict = "fits" if r.fits else "does NOT fit"
+    lines.append(f"  {r.gpu:<24}{_size(r.gpu_bytes)}  {verdict}: headroom {r.headroom_bytes / GB:.2f} GB "
+                 f"({r.headroom_bytes / GIB:.2f} GiB)")
+    lines += [f"  note: {note}" for note in r.notes]
+    return "\n".join(lines)
+
+
+def render_sweep(reports: Sequence[memory.MemoryReport]) -> str:
+    """One line per configuration, per-rank GB by category."""
+    r0 = reports[0]
+    cols = ("params", "grads", "master", "states", "activ.", "buffers", "total")
+    lines = [
+        f"shardopt plan: {r0.model} ({r0.total_params:,} parameters), {r0.precision.name} precision, "
+        f"tp={r0.tp} pp={r0.pp}, {r0.settings['recompute']} recompute s={r0.settings['seq_len']} "
+        f"b={r0.settings['micro_batch']}; per-GPU GB (1e9 B) of the busiest rank; {r0.gpu}",
+        f"  {'optimizer':<10}{'ZeRO':>5}{'dp':>6}" + "".join(f"{c:>10}" for c in cols) + "  fits",
+    ]
+    for r in reports:
+        values = list(r.per_rank_bytes().values())
+        lines.append(f"  {r.optimizer:<10}{r.zero_stage:>5}{r.dp:>6}" + "".join(f"{v / GB:10.2f}" for v in values)
+                     + ("  yes" if r.fits else "  no"))
+    notes = dict.fromkeys(f"{r.optimizer} dp={r.dp}: {n}" if n.startswith("matrix") else n
+                          for r in reports for n in r.notes)
+    return "\n".join(lines + [f"  note: {n}" for n in notes])
+
+
+# ------------------------------------------------------------------ search and plot
+
+
+def _powers(limit: int) -> list[int]:
+    return [1 << k for k in range(limit.bit_length()) if 1 << k <= limit]
+
+
+def search(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per stage: the smallest dp <= --max-dp that fits, found over powers of two, then bisected.
+
+    Bisection assumes per-rank memory does not grow with dp between the last
+    power of two that does not fit and the first that does.
+    """
+    found = []
+    for stage in memory.STAGES:
+        fit = None
+        below = 0
+        for dp in _powers(args.max_dp):
+            report = _estimate(args, args.optimizer[0], stage, dp)
+            if report.fits:
+                fit = report
+                break
+            below = dp
+        while fit is not None and fit.dp - below > 1:
+            middle = (below + fit.dp) // 2
+            report = _estimate(args, args.optimizer[0], stage, middle)
+            below, fit = (below, report) if report.fits else (middle, fit)
+        found.append({"zero_stage": stage, "dp": fit.dp if fit else None, "report": fit})
+    return found
+
+
+def _search(args: argparse.Namespace) -> int:
+    found = search(args)
+    fitting = [f for f in found if f["dp"] is not None]
+    choice = min(fitting, key=lambda f: (f["dp"], f["zero_stage"])) if fitting else None
+    if args.json:
+        print(json.dumps({
+            "search": [{"zero_stage": f["zero_stage"], "dp": f["dp"],
+                        "report": f["report"].to_json() if f["report"] else None} for f in found],
+            "choice": {"zero_stage": choice["zero_stage"], "dp": choice["dp"]} if choice else None,
+        }, indent=2))
+        return 0
+    first = _estimate(args, args.optimizer[0], 0, 1)
+    lines = [f"shardopt plan --search: {first.model}, {args.optimizer[0]}, {args.precision} precision, "
+             f"tp={args.tp} pp={args.pp}, {first.gpu} ({first.gpu_bytes / GB:.2f} GB), dp <= {args.max_dp}",
+             f"  {'ZeRO':>4}{'smallest dp':>13}{'GPUs':>8}{'per-GPU GB':>12}{'headroom GB':>13}"]
+    for f in found:
+        r = f["report"]
+        if r is None:
+            lines.append(f"  {f['zero_stage']:>4}{'none':>13}")
+        else:
+            lines.append(f"  {r.zero_stage:>4}{r.dp:>13}{r.dp * r.tp * r.pp:>8}{r.total / GB:>12.2f}"
+                         f"{r.headroom_bytes / GB:>13.2f}")
+    lines.append(f"  choice: ZeRO-{choice['zero_stage']} at dp={choice['dp']} (fewest GPUs, then lowest stage)"
+                 if choice else "  choice: nothing fits; add --tp/--pp, --recompute full or a larger --gpu")
+    print("\n".join(lines))
+    return 0
+
+
+def _plot(args: argparse.Namespace, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dps = _powers(args.max_dp)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    colors = dict(zip(CATEGORIES, ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#b07aa1")))
+    gpu_bytes = 0
+    for stage, ax in zip(memory.STAGES, axes.flat):
+        reports = [_estimate(args, args.optimizer[0], stage, dp) for dp in dps]
+        gpu_bytes = reports[0].gpu_bytes
+        bottom = [0.0] * len(dps)
+        for category in CATEGORIES:
+            heights = [r.per_rank_bytes()[category] / GB for r in reports]
+            ax.bar(range(len(dps)), heights, bottom=bottom, color=colors[category], label=category)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.axhline(gpu_bytes / GB, color="black", linestyle="--", linewidth=1, label=f"{reports[0].gpu}")
+        ax.set_xticks(range(len(dps)), [str(d) for d in dps], rotation=45)
+        ax.set_title(f"ZeRO-{stage}")
+        ax.set_xlabel("data-parallel size")
+        ax.set_ylabel("GB per GPU (busiest rank)")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
+    r0 = reports[0]
+    fig.suptitle(f"{r0.model}: {r0.optimizer}, {r0.precision.name} precision, tp={r0.tp} pp={r0.pp}, "
+                 f"recompute={r0.settings['recompute']} s={r0.settings['seq_len']} (shardopt plan)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

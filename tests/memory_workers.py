@@ -1,0 +1,150 @@
+"""Runs on every spawned rank for test_memory.py: ZeroOptimizer's measured bytes, per case.
+
+Each case builds ``PlanNet``, wraps it in ZeroOptimizer with the optimizer the
+planner's registry names (``shardopt.memory.OPTIMIZERS``), takes one step
+(states are allocated at the first step) and returns ``memory_report()`` plus
+what the report does not cover: the plan's buckets, each group's declared
+state, the bytes of ``p.grad`` tensors that are not views of a bucket, and the
+peak of full-bucket gradient buffers alive during backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import shardopt
+from shardopt import memory, zero_optimizer
+from shardopt.plan import DEFAULT_BUCKET_NUMEL
+
+VOCAB, WIDTH, BATCH, SEQ = 23, 10, 12, 5  # BATCH divisible by world sizes 1-4
+
+
+class PlanNet(nn.Module):
+    """Odd shapes, a 1-element parameter, a 3-D expert stack, a bias-free layer and a frozen tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.norm = nn.LayerNorm(WIDTH)
+        self.qkv = nn.Linear(WIDTH, 3 * WIDTH, bias=False)
+        self.proj = nn.Linear(WIDTH, WIDTH)
+        self.experts = nn.Parameter(torch.randn(3, WIDTH, 7) * 0.1)
+        self.frozen = nn.Parameter(torch.ones(5), requires_grad=False)
+        self.down = nn.Linear(7, WIDTH)
+        self.gate = nn.Parameter(torch.full((1,), 0.5))
+        self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.embed(tokens))
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        att = torch.softmax(q @ k.transpose(1, 2) / WIDTH**0.5, dim=-1)
+        h = h + self.gate * self.proj(att @ v)
+        experts = torch.relu(torch.einsum("btd,edf->btef", h, self.experts.to(h.dtype))).mean(2)
+        return self.lm_head(h + self.down(experts))
+
+
+# (label, optimizer, stage, param dtype, precision name or (reduce, master), bucket_numel)
+CASES = [(f"{o}/stage{s}/fp32", o, s, "float32", "fp32", 256) for o in memory.OPTIMIZERS for s in (1, 2)]
+CASES += [
+    ("adamw/stage2/mixed", "adamw", 2, "bfloat16", "mixed", 256),
+    ("adamw/stage1/mixed", "adamw", 1, "bfloat16", "mixed", 256),
+    ("muon/stage2/mixed", "muon", 2, "bfloat16", "mixed", 512),
+    ("adamw/stage1/bf16-fp32reduce", "adamw", 1, "bfloat16", ("float32", "float32"), 256),
+    ("lion/stage2/bf16", "lion", 2, "bfloat16", "bf16", 10_000),
+    ("adam/stage2/fp32-one-bucket", "adam", 2, "float32", "fp32", DEFAULT_BUCKET_NUMEL),
+]
+
+
+def precision_of(param_dtype: str, precision: str | tuple[str, str]) -> memory.Precision:
+    if isinstance(precision, str):
+        return memory.PRECISIONS[precision]
+    return memory.Precision("custom", param_dtype, *precision)
+
+
+def _grad_window_probe(opt: shardopt.ZeroOptimizer, model: nn.Module) -> tuple[list[int], list[str]]:
+    """Record the order gradients arrive in, and the bytes of full-bucket gradient
+    buffers alive after each arrival."""
+    seen: list[int] = []
+    order: list[str] = []
+
+    def make_probe(name: str):
+        def probe(_: torch.Tensor) -> None:
+            order.append(name)
+            seen.append(sum(b.grad_flat.untyped_storage().nbytes() for b in opt.buffers if b.grad_flat is not None))
+
+        return probe
+
+    # Registered after ZeroOptimizer's hooks, so each runs after its parameter's.
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(make_probe(name))
+    return seen, order
+
+
+def measure(rank: int, world: int, case: tuple, group: object) -> dict[str, object]:
+    label, optimizer, stage, dtype, precision, bucket_numel = case
+    torch.manual_seed(0)
+    model = PlanNet().to(getattr(torch, dtype))
+    cls, hp = memory.OPTIMIZERS[optimizer]
+    params = shardopt.muon_param_groups(model) if optimizer == "muon" else model.parameters()
+    opt = shardopt.ZeroOptimizer(params, cls, stage=stage, bucket_numel=bucket_numel, process_group=group,
+                                 precision=precision_of(dtype, precision).policy(), lr=1e-3, **hp)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    seen, order = _grad_window_probe(opt, model)
+    casts: list[int] = []
+    grad_regions = opt._grad_regions
+
+    def recording() -> list[torch.Tensor]:
+        # The gradient regions step() works on: casts are new storages, not bucket views.
+        out = grad_regions()
+        kept = {t.untyped_storage().data_ptr() for b in opt.buffers for t in (b.grad_flat, b.grad_region)
+                if t is not None}
+        casts.append(sum(g.untyped_storage().nbytes() for g in out if g.untyped_storage().data_ptr() not in kept))
+        return out
+
+    opt._grad_regions = recording
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen).chunk(world)[rank]
+    logits = model(tokens[:, :-1])
+    nn.functional.cross_entropy(logits.float().reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)).backward()
+    opt.step()
+    report = opt.memory_report()
+    flats = {b.grad_flat.untyped_storage().data_ptr() for b in opt.buffers if b.grad_flat is not None}
+    copies = sum(p.grad.untyped_storage().nbytes() for p in trainable
+                 if p.grad is not None and p.grad.untyped_storage().data_ptr() not in flats)
+    specs = [(type(opt.inner.rule_for_group(g)).__name__, [s.name for s in opt.inner.rule_for_group(g).state_specs(g)])
+             for g in opt.param_groups]
+    return {
+        "report": {k: report[k] for k in ("params", "grads", "master_params", "optimizer_states", "comm_buffers")},
+        "buckets": repr(opt.plan.buckets),
+        "specs": specs,
+        "grad_copies": copies,
+        "grad_window_peak": max(seen, default=0),
+        "grad_arrival": order,
+        "grad_cast": casts[0],
+    }
+
+
+def all_cases(rank: int, world: int) -> dict[int, dict[str, dict[str, object]]]:
+    """Every case at world sizes 1..``world`` in one spawn, on subgroups of the first ranks.
+
+    A spawn costs seconds (importing torch, then torch._dynamo at the first
+    optimizer), a case milliseconds: one spawn of 4 ranks serves world sizes 1-4.
+    """
+    torch.set_num_threads(1)
+    # ZeroOptimizer's DistributedDataParallel check walks every object the garbage
+    # collector tracks, 0.3-0.6 s per construction here; it allocates nothing, so
+    # skipping it changes no byte measured and keeps 100 constructions in seconds.
+    zero_optimizer._reject_ddp = lambda *args, **kwargs: None
+    # The first torch.optim construction imports torch._dynamo (seconds): pay it on
+    # every rank at once, not on each rank when its first world size comes.
+    shardopt.SGD([nn.Parameter(torch.zeros(1))])
+    groups = {size: dist.new_group(list(range(size))) for size in range(1, world + 1)}
+    out: dict[int, dict[str, dict[str, object]]] = {}
+    for size, group in groups.items():
+        if rank < size:
+            out[size] = {case[0]: measure(rank, size, case, group) for case in CASES}
+        dist.barrier()
+    return out
