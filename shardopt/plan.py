@@ -229,17 +229,21 @@ def _elementwise_bucket(
 
 def _matrix_bucket(
     index: int, group: int, dtype: str, members: Sequence[ParamInfo], world_size: int,
-    align_numel: int,
+    align_numel: int, loads: list[int],
 ) -> Bucket:
-    # Longest-processing-time-first: the largest matrix goes to the least loaded
-    # rank (Graham 1969); deterministic, since ties break on the rank number.
-    loads = [0] * world_size
+    # Longest-processing-time-first (Graham 1969): the costliest matrix goes to
+    # the rank with the least Newton-Schulz work so far, across all buckets (a
+    # bucket with one large matrix would otherwise always land on rank 0);
+    # deterministic, since ties break on the rank number.
     owner_of: dict[int, int] = {}
-    for info in sorted(members, key=lambda i: (-i.numel, i.index)):
+    for info in sorted(members, key=lambda i: (-_ns_cost(i), i.index)):
         rank = min(range(world_size), key=lambda r: (loads[r], r))
         owner_of[info.index] = rank
-        loads[rank] += info.numel
-    region = _round_up(max(loads), align_numel)
+        loads[rank] += _ns_cost(info)
+    per_rank = [0] * world_size
+    for info in members:
+        per_rank[owner_of[info.index]] += info.numel
+    region = _round_up(max(per_rank), align_numel)
     cursor = [rank * region for rank in range(world_size)]
     slots, owners = [], []
     for info in members:
@@ -249,6 +253,11 @@ def _matrix_bucket(
         cursor[rank] += info.numel
     return Bucket(index, group, Granularity.MATRIX, dtype, tuple(slots), region, world_size,
                   tuple(owners))
+
+
+def _ns_cost(info: ParamInfo) -> int:
+    count = info.shape[0] if len(info.shape) == 3 else 1
+    return count * newton_schulz_flops(*matrix_shape(info.shape), 1)
 
 
 def plan_shards(
@@ -284,9 +293,12 @@ def plan_shards(
     # Complete first = smallest minimum index last; sort by it, descending.
     closed.sort(key=lambda item: -min(m.index for m in item[1]))
     buckets = []
+    ns_loads = [0] * world_size
     for index, ((group, dtype, granularity), members) in enumerate(closed):
-        build = _matrix_bucket if granularity is Granularity.MATRIX else _elementwise_bucket
-        buckets.append(build(index, group, dtype, members, world_size, align_numel))
+        if granularity is Granularity.MATRIX:
+            buckets.append(_matrix_bucket(index, group, dtype, members, world_size, align_numel, ns_loads))
+        else:
+            buckets.append(_elementwise_bucket(index, group, dtype, members, world_size, align_numel))
     plan = ShardPlan(world_size, tuple(params), tuple(buckets), bucket_numel, align_numel)
     plan.validate()
     return plan

@@ -123,10 +123,12 @@ class MuonRule(UpdateRule):
         momentum, lr, weight_decay = hp["momentum"], hp["lr"], hp["weight_decay"]
         bufs = [state["momentum_buffer"] for state in states]
         torch._foreach_lerp_(bufs, grads, 1 - momentum)
-        if hp["nesterov"]:
-            updates = [grad.lerp(buf, momentum) for grad, buf in zip(grads, bufs)]
-        else:
-            updates = bufs
+
+        def update_of(i: int) -> Tensor:
+            # Built per batch, not for all matrices at once: the Nesterov
+            # update is a temporary as large as the matrices it covers.
+            return grads[i].lerp(bufs[i], momentum) if hp["nesterov"] else bufs[i]
+
         coefficients = resolve_coefficients(hp["ns_coefficients"])
         dtype = resolve_ns_dtype(hp["ns_dtype"])
         # Same-shape matrices are orthogonalized in one batched matmul where that
@@ -137,16 +139,16 @@ class MuonRule(UpdateRule):
         # unsharded one.
         batch = dtype == torch.float32
         by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for index, update in enumerate(updates):
-            key = tuple(update.shape) if batch else (index, *update.shape)
+        for index, param in enumerate(params):
+            key = tuple(param.shape) if batch else (index, *param.shape)
             by_shape[key].append(index)
         for indices in by_shape.values():
-            shape = tuple(updates[indices[0]].shape)
+            shape = tuple(params[indices[0]].shape)
             if len(indices) == 1:
-                outputs = [orthogonalize(as_matrices(updates[indices[0]]), coefficients, hp["ns_steps"],
+                outputs = [orthogonalize(as_matrices(update_of(indices[0])), coefficients, hp["ns_steps"],
                                          eps=hp["eps"], dtype=dtype)]
             else:
-                stack = torch.cat([as_matrices(updates[i]).reshape(-1, *matrix_shape(shape)) for i in indices])
+                stack = torch.cat([as_matrices(update_of(i)).reshape(-1, *matrix_shape(shape)) for i in indices])
                 ortho = orthogonalize(stack, coefficients, hp["ns_steps"], eps=hp["eps"], dtype=dtype)
                 outputs = list(ortho.split(stack.shape[0] // len(indices)))
             self.num_orthogonalized += len(indices) * (shape[0] if len(shape) == 3 else 1)
