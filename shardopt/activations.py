@@ -54,7 +54,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-from .presets import Architecture
+from .architectures import Architecture
 
 RECOMPUTE = ("none", "selective", "full")
 

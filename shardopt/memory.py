@@ -8,6 +8,9 @@ the plan by the bytes of each :class:`~shardopt.StateSpec` the rule declares. Th
 is no table of bytes per parameter: a new rule or state is planned correctly
 the day it is declared. For stages 1 and 2 the model-state bytes equal
 ``ZeroOptimizer.memory_report()`` exactly (``tests/test_memory.py`` checks it).
+The plan accounting is in :mod:`shardopt.memory_plan` (its names are
+importable from here); architectures and presets in :mod:`shardopt.architectures`
+and :mod:`shardopt.presets`.
 
 Stages (Rajbhandari et al. 2020, "ZeRO", sections 3 and 5; K = state bytes):
 
@@ -28,7 +31,6 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -36,87 +38,33 @@ from torch import nn
 
 from . import activations as act
 from . import presets
-from .hooks import MAX_IN_FLIGHT
-from .muon_optimizer import Muon, muon_param_groups
-from .optimizer_base import RuleOptimizer
-from .optimizers import SGD, Adagrad, Adam, AdamW, Lion, RMSprop
-from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, Bucket, ParamInfo, ShardPlan, plan_shards
-from .rules import AdamWRule, MuonRule
-from .rules.base import Granularity, StateShape, StateSpec, UpdateRule
-from .rules.newton_schulz import matrix_shape
-from .zero_optimizer import PrecisionPolicy
 
-# CLI optimizer names -> (runtime optimizer class, hyperparameters beyond its defaults).
-OPTIMIZERS: dict[str, tuple[type[RuleOptimizer], dict[str, Any]]] = {
-    "sgd": (SGD, {}),
-    "momentum": (SGD, {"momentum": 0.9}),
-    "nesterov": (SGD, {"momentum": 0.9, "nesterov": True}),
-    "adagrad": (Adagrad, {}),
-    "rmsprop": (RMSprop, {}),
-    "adam": (Adam, {}),
-    "adamw": (AdamW, {}),
-    "muon": (Muon, {}),
-    "lion": (Lion, {}),
-}
+# The plan accounting lives in memory_plan; its public names are part of this module's API.
+from .memory_plan import (
+    OPTIMIZERS,
+    PRECISIONS,
+    STAGES,
+    Precision,
+    RankBytes,
+    _meta,
+    choose,
+    itemsize,
+    muon_workspace,
+    param_infos,
+    plan_rank_bytes,
+    reduce_window_numel,
+    used_by_rank,
+)
+from .muon_optimizer import muon_param_groups
+from .plan import DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan
+from .rules.base import Granularity
+
+__all__ = [
+    "GPUS", "OPTIMIZERS", "PRECISIONS", "STAGES", "MemoryReport", "Precision", "RankBytes", "choose", "estimate",
+    "itemsize", "muon_workspace", "param_infos", "plan_rank_bytes", "reduce_window_numel", "used_by_rank",
+]
+
 GPUS = presets.GPUS
-STAGES = (0, 1, 2, 3)
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Dtypes of parameters, gradient reduction and master weights (fp32 master => fp32 states)."""
-
-    name: str
-    param: str
-    reduce: str
-    master: str
-
-    def policy(self) -> PrecisionPolicy:
-        """The runtime's equivalent :class:`~shardopt.PrecisionPolicy`."""
-        return PrecisionPolicy(reduce_dtype=getattr(torch, self.reduce), master_dtype=getattr(torch, self.master))
-
-    @property
-    def wide(self) -> torch.dtype:
-        """Dtype of the master copy and states: as ``ZeroOptimizer`` promotes them."""
-        return torch.promote_types(getattr(torch, self.param), getattr(torch, self.master))
-
-
-PRECISIONS = {
-    "fp32": Precision("fp32", "float32", "float32", "float32"),
-    "bf16": Precision("bf16", "bfloat16", "bfloat16", "bfloat16"),
-    "mixed": Precision("mixed", "bfloat16", "bfloat16", "float32"),
-}
-
-
-def itemsize(dtype: str | torch.dtype) -> int:
-    return torch.empty((), dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype).element_size()
-
-
-def choose(kind: str, value: Any, choices: Mapping[str, Any] | Sequence[Any]) -> Any:
-    if value not in choices:
-        names = ", ".join(str(c) for c in choices)
-        raise ValueError(f"Invalid {kind}: {value!r} (expected one of {names})")
-    return choices[value] if isinstance(choices, Mapping) else value
-
-
-@dataclass(frozen=True)
-class RankBytes:
-    """What one data-parallel rank holds, in bytes (``optimizer_states`` excludes the master copy)."""
-
-    rank: int
-    params: int
-    grads: int
-    master_params: int
-    optimizer_states: Mapping[str, int]
-    buffers: Mapping[str, int]
-
-    @property
-    def model_states(self) -> int:
-        return self.params + self.grads + self.master_params + sum(self.optimizer_states.values())
-
-    @property
-    def total(self) -> int:
-        return self.model_states + sum(self.buffers.values())
 
 
 @dataclass(frozen=True)
@@ -178,246 +126,6 @@ class MemoryReport:
             "optimizer_states": dict(self.rank.optimizer_states), "activations": dict(self.activations),
             "buffers": dict(self.rank.buffers), "settings": dict(self.settings), "notes": list(self.notes),
         }
-
-
-# ------------------------------------------------------------------ parameters -> plan
-
-
-def _meta(named: Sequence[tuple[str, tuple[int, ...], bool]], dtype: torch.dtype) -> list[tuple[str, nn.Parameter]]:
-    return [(n, nn.Parameter(torch.empty(s, dtype=dtype, device="meta"), requires_grad=g)) for n, s, g in named]
-
-
-def _groups(
-    named: list[tuple[str, nn.Parameter]], optimizer: str, hyperparameters: Mapping[str, Any]
-) -> list[tuple[list[nn.Parameter], UpdateRule, dict[str, Any]]]:
-    """Param groups as the optimizer would form them: (params, rule, hyperparameters).
-
-    Mirrors ``RuleOptimizer.rule_for_group`` (``Muon``: ``use_muon`` groups follow
-    MuonRule, the rest AdamWRule, split by ``muon_param_groups``) without building
-    a ``torch.optim.Optimizer``, whose first construction imports torch._dynamo
-    (seconds). ``tests/test_memory.py`` checks the result against the real
-    optimizer inside ``ZeroOptimizer``.
-    """
-    cls, hp = choose("optimizer", optimizer, OPTIMIZERS)
-    if cls is Muon:
-        out = []
-        for group in muon_param_groups(named):
-            rule: UpdateRule = MuonRule() if group["use_muon"] else AdamWRule()
-            extra = {**hp, **hyperparameters} if group["use_muon"] else {}
-            out.append((group["params"], rule, {**rule.defaults, **extra}))
-    else:
-        rule = cls.rule
-        out = [([p for _, p in named], rule, {**rule.defaults, **hp, **hyperparameters})]
-    for _, rule, group_hp in out:
-        unknown = sorted(set(group_hp) - set(rule.defaults))
-        if unknown:
-            raise ValueError(f"Invalid hyperparameters for {optimizer}: {unknown} (expected some of "
-                             f"{sorted(rule.defaults)})")
-        rule.validate(group_hp)
-    return out
-
-
-def param_infos(
-    named: Sequence[tuple[str, tuple[int, ...], bool]],
-    optimizer: str,
-    dtype: str,
-    hyperparameters: Mapping[str, Any] | None = None,
-) -> tuple[tuple[ParamInfo, ...], tuple[tuple[UpdateRule, dict[str, Any]], ...]]:
-    """The ``ParamInfo`` list ``ZeroOptimizer`` builds, and each group's (rule, hyperparameters).
-
-    ``named``: ``(name, shape, requires_grad)`` in registration order. Parameters
-    are numbered in param-group order, frozen ones included in the numbering and
-    left out of the list, as ``ZeroOptimizer.__init__`` does.
-    """
-    metas = _meta(named, getattr(torch, dtype))
-    groups = _groups(metas, optimizer, hyperparameters or {})
-    label = {id(p): n for n, p in metas}
-    every = [(g, p) for g, (params, _, _) in enumerate(groups) for p in params]
-    infos = tuple(
-        ParamInfo(index, label[id(p)], tuple(p.shape), dtype, g, groups[g][1].granularity)
-        for index, (g, p) in enumerate(every)
-        if p.requires_grad
-    )
-    return infos, tuple((rule, hp) for _, rule, hp in groups)
-
-
-@dataclass(frozen=True)
-class _RankShare:
-    """One rank's share of a plan, per param group: what the states are allocated over."""
-
-    used_numel: dict[int, int]
-    num_buckets: dict[int, int]
-    num_matrices: dict[int, int]
-    matrix_shapes: tuple[tuple[int, ...], ...]
-
-
-def used_by_rank(bucket: Bucket) -> list[int]:
-    """``[bucket.used_region_numel(r) for r in range(world_size)]`` without a call per rank.
-
-    Elementwise buckets lay their slots end to end, so a rank's used elements run
-    from its region start to the end of the last slot reaching into it; ranks a
-    slot covers whole use their whole region. Matrix buckets ask the plan for
-    their owners only (a rank owning no matrix uses nothing). Tested equal to
-    ``Bucket.used_region_numel`` on every rank.
-    """
-    used = [0] * bucket.world_size
-    if bucket.granularity is Granularity.MATRIX:
-        for rank in set(bucket.owners):
-            used[rank] = bucket.used_region_numel(rank)
-        return used
-    size = bucket.region_numel
-    for slot in bucket.slots:
-        if slot.numel == 0:
-            continue
-        end = slot.offset + slot.numel
-        first, last = slot.offset // size, (end - 1) // size
-        used[first + 1 : last] = [size] * max(0, last - first - 1)
-        for rank in {first, last}:
-            used[rank] = max(used[rank], min(end, (rank + 1) * size) - rank * size)
-    return used
-
-
-@lru_cache(maxsize=64)
-def _plan(infos: tuple[ParamInfo, ...], world_size: int, bucket_numel: int) -> tuple[ShardPlan, tuple[_RankShare, ...]]:
-    plan = plan_shards(infos, world_size, bucket_numel=bucket_numel, align_numel=DEFAULT_ALIGN_NUMEL)
-    groups = {b.group for b in plan.buckets}
-    used = {g: [0] * world_size for g in groups}
-    matrices = {g: [0] * world_size for g in groups}
-    shapes: list[list[tuple[int, ...]]] = [[] for _ in range(world_size)]
-    num_buckets: dict[int, int] = {}
-    by_index = {info.index: info for info in infos}
-    for bucket in plan.buckets:
-        g = bucket.group
-        num_buckets[g] = num_buckets.get(g, 0) + 1
-        for rank, numel in enumerate(used_by_rank(bucket)):
-            used[g][rank] += numel
-        for slot, owner in zip(bucket.slots, bucket.owners):
-            matrices[g][owner] += 1
-            shapes[owner].append(by_index[slot.param].shape)
-    shares = tuple(
-        _RankShare({g: used[g][r] for g in groups}, num_buckets, {g: matrices[g][r] for g in groups},
-                   tuple(shapes[r]))
-        for r in range(world_size)
-    )
-    return plan, shares
-
-
-def _state_bytes(specs: Sequence[StateSpec], share: _RankShare, group: int, wide: torch.dtype) -> dict[str, int]:
-    # As BucketBuffers.allocate_states: PARAM specs over each bucket's used region, SCALAR
-    # specs once per bucket and once more per owned matrix of a matrix bucket.
-    out: dict[str, int] = {}
-    for spec in specs:
-        if spec.shape is StateShape.PARAM:
-            nbytes = spec.nbytes(share.used_numel.get(group, 0), wide)
-        else:
-            count = share.num_buckets.get(group, 0) + share.num_matrices.get(group, 0)
-            nbytes = count * spec.nbytes(1, wide)
-        out[spec.name] = out.get(spec.name, 0) + nbytes
-    return out
-
-
-def _muon_workspace(share: _RankShare, hp: Mapping[str, Any], wide: torch.dtype) -> int:
-    """Transient bytes of MuonRule.update on this rank's matrices (read from its code, not measured).
-
-    Nesterov makes an update tensor per owned matrix at once (master dtype);
-    Newton-Schulz then holds, for one matrix at a time, the input cast, the
-    normalised X, the next X (rows x cols each) and the Gram and polynomial
-    (min^2 each), in ``ns_dtype``.
-    """
-    if not share.matrix_shapes:
-        return 0
-    owned = sum(math.prod(shape) for shape in share.matrix_shapes)
-    ns_item = itemsize(hp.get("ns_dtype") or "bfloat16")
-    largest = 0
-    for shape in share.matrix_shapes:
-        rows, cols = matrix_shape(shape)
-        count = shape[0] if len(shape) == 3 else 1
-        largest = max(largest, count * (3 * rows * cols + 2 * min(rows, cols) ** 2))
-    return (owned * itemsize(wide) if hp.get("nesterov") else 0) + largest * ns_item
-
-
-def reduce_window_numel(plan: ShardPlan, arrival: Sequence[int]) -> int:
-    """Peak elements of full-bucket gradient buffers alive during a stage-2 backward.
-
-    Replays ``hooks.GradientReducer`` on the gradient ``arrival`` order (parameter
-    indices): a bucket's buffer exists from its first gradient until its
-    reduce-scatter is waited for; buckets launch strictly in plan order once
-    complete, and launching one more than ``MAX_IN_FLIGHT`` waits for the oldest.
-    A bucket complete before the ones ahead of it waits with its buffer alive.
-    """
-    bucket_of = {slot.param: bucket.index for bucket in plan.buckets for slot in bucket.slots}
-    pending = [len(bucket.slots) for bucket in plan.buckets]
-    alive: dict[int, int] = {}
-    in_flight: list[int] = []
-    launched = peak = 0
-    for index in arrival:
-        bucket = bucket_of[index]
-        alive[bucket] = plan.buckets[bucket].flat_numel
-        pending[bucket] -= 1
-        while launched < len(pending) and pending[launched] == 0:
-            in_flight.append(launched)
-            launched += 1
-            while len(in_flight) > MAX_IN_FLIGHT:
-                alive.pop(in_flight.pop(0))
-        peak = max(peak, sum(alive.values()))
-    return peak
-
-
-def plan_rank_bytes(
-    infos: tuple[ParamInfo, ...],
-    groups: Sequence[tuple[UpdateRule, Mapping[str, Any]]],
-    precision: Precision,
-    zero_stage: int,
-    dp: int,
-    bucket_numel: int = DEFAULT_BUCKET_NUMEL,
-    arrival: Sequence[int] | None = None,
-) -> tuple[ShardPlan, list[RankBytes]]:
-    """Bytes every data-parallel rank holds under ``zero_stage`` (see the module docstring).
-
-    ``arrival``: parameter indices in the order gradients complete (default: the
-    reverse of their numbering, the order the plan packs buckets in).
-    """
-    choose("zero_stage", zero_stage, STAGES)
-    world = 1 if zero_stage == 0 else dp
-    plan, shares = _plan(infos, world, bucket_numel)
-    p_item, r_item, wide = itemsize(precision.param), itemsize(precision.reduce), precision.wide
-    flat = sum(b.flat_numel for b in plan.buckets)
-    region = sum(b.region_numel for b in plan.buckets)
-    # ZeroOptimizer keeps the whole flat gradient at stage 1 and on one rank.
-    keep_flat = zero_stage <= 1 or world == 1
-    if arrival is None:
-        arrival = sorted((info.index for info in infos), reverse=True)
-    window = 0 if keep_flat else reduce_window_numel(plan, arrival)
-    gather = sum(sorted((b.flat_numel for b in plan.buckets), reverse=True)[: MAX_IN_FLIGHT + 1])
-    separate_master = wide != getattr(torch, precision.param)
-    out = []
-    for rank, share in enumerate(shares):
-        states: dict[str, int] = {}
-        buffers: dict[str, int] = {}
-        for g, (rule, hp) in enumerate(groups):
-            for name, nbytes in _state_bytes(rule.state_specs(hp), share, g, wide).items():
-                states[name] = states.get(name, 0) + nbytes
-            if rule.granularity is Granularity.MATRIX:
-                buffers["muon workspace"] = buffers.get("muon workspace", 0) + _muon_workspace(share, hp, wide)
-        if getattr(torch, precision.reduce) != wide:
-            # ZeroOptimizer._grad_regions casts every used gradient region to the master dtype.
-            buffers["step grad cast"] = sum(share.used_numel.values()) * itemsize(wide)
-        if keep_flat and precision.reduce != precision.param:
-            # _expose_grads sets p.grad = grad.to(param dtype): a second copy of every gradient.
-            buffers["p.grad copies"] = plan.used_numel * p_item
-        if not keep_flat:
-            buffers["grad reduce window"] = window * r_item
-        if zero_stage == 3 and world > 1:
-            buffers["param gather window"] = gather * p_item
-        out.append(RankBytes(
-            rank=rank,
-            params=(region if zero_stage == 3 else flat) * p_item,
-            grads=(flat if keep_flat else region) * r_item,
-            master_params=region * itemsize(wide) if separate_master else 0,
-            optimizer_states=states,
-            buffers={k: v for k, v in buffers.items() if v},
-        ))
-    return plan, out
 
 
 # ------------------------------------------------------------------ estimate
@@ -524,5 +232,6 @@ def _plan_notes(plan: ShardPlan, dp: int) -> list[str]:
     if flat <= 1.5 * used:
         return []
     single, owners = sum(len(b.slots) == 1 for b in matrix), {o for b in matrix for o in b.owners}
-    return [f"matrix buckets are {flat / used:.1f}x their matrices ({single} of {len(matrix)} hold one; "
-            f"{len(owners)} of {dp} ranks own any): plan_shards caps them at bucket_numel and balances each alone"]
+    return [f"matrix buckets are {flat / used:.1f}x their matrices, {flat - used:,} padding elements "
+            f"({single} of {len(matrix)} hold one matrix; {len(owners)} of {dp} ranks own any): a bucket's "
+            "region is its largest per-rank load (plan_shards caps buckets at bucket_numel)"]

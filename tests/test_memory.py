@@ -277,3 +277,22 @@ def test_planner_equals_memory_report_on_every_rank(world_size):
             assert measured_rank["grad_cast"] == planned.buffers.get("step grad cast", 0), where
             if stage == 2 and world_size > 1:
                 assert measured_rank["grad_window_peak"] == planned.buffers["grad reduce window"], where
+
+
+def test_muon_workspace_is_the_largest_batch_with_what_the_loop_still_holds():
+    # bf16 Newton-Schulz: one matrix per batch. Per matrix: its fp32 Nesterov update
+    # + 2 X + 2 m^2 in bf16, + the previous batch's bf16 output, still bound to `outputs`.
+    shapes = [(64, 32), (16, 16), (2, 8, 4)]
+    hp = {"nesterov": True, "ns_dtype": "bfloat16"}
+
+    def single(rows, cols, count=1):
+        return count * (rows * cols * 4 + (2 * rows * cols + 2 * min(rows, cols) ** 2) * 2)
+
+    assert memory.muon_workspace(shapes, hp, torch.float32) == max(
+        single(64, 32), 64 * 32 * 2 + single(16, 16), 16 * 16 * 2 + single(8, 4, 2))
+    assert memory.muon_workspace(shapes, {**hp, "nesterov": False}, torch.float32) == 64 * 32 * 2 * 2 + 2 * 32 * 32 * 2
+    # fp32: same shapes form one batch, its torch.cat stack alive through Newton-Schulz.
+    x, gram = 64 * 32, 32 * 32
+    assert memory.muon_workspace([(64, 32)] * 3, {**hp, "ns_dtype": "float32"}, torch.float32) == max(
+        3 * x * 4 * 2, 3 * x * 4 + 3 * (2 * x + 2 * gram) * 4)
+    assert memory.muon_workspace([], hp, torch.float32) == 0
