@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,11 @@ from .optimizer_base import ParamsT, RuleOptimizer
 from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
 from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, plan_shards
 from .rules.base import Granularity
+
+# Warn when padding exceeds this share of a plan of at least this many elements
+# (tiny test models pad proportionally more and do not matter).
+PADDING_WARN_FRACTION = 0.25
+PADDING_WARN_MIN_NUMEL = 1 << 20
 
 _TORCH_EQUIVALENTS: dict[type, type[RuleOptimizer]] = {
     torch.optim.SGD: SGD,
@@ -135,6 +141,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.plan: ShardPlan = plan_shards(
             infos, self.comm.world_size, bucket_numel=bucket_numel, align_numel=DEFAULT_ALIGN_NUMEL
         )
+        warn_if_padded(self.plan)
         _reject_ddp(self.params.values(), self.inner.param_label)
         self._verify_same_params(infos)
         self.buffers = [self._make_buffers(bucket) for bucket in self.plan.buckets]
@@ -355,6 +362,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         (from :meth:`full_state_dict` at any world size, or from the single-process
         optimizer)."""
         checkpoint.load_state_dict(self, state_dict)
+
+
+def warn_if_padded(plan: ShardPlan) -> None:
+    """Warn when a plan pads much: whole matrices that are large against the regions."""
+    if plan.used_numel >= PADDING_WARN_MIN_NUMEL and plan.padding_numel > PADDING_WARN_FRACTION * plan.used_numel:
+        warnings.warn(
+            f"shard plan pads {plan.padding_numel:,} elements for {plan.used_numel:,} used "
+            f"({100 * plan.padding_numel / plan.used_numel:.0f}%): matrices kept whole on owner ranks "
+            "are large against bucket_numel / world_size; raise bucket_numel "
+            "(see docs/design/muon-at-scale.md)",
+            stacklevel=3,
+        )
 
 
 def _reject_ddp(params: Any, label: Callable[[Tensor], str]) -> None:

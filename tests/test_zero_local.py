@@ -149,3 +149,18 @@ def test_named_parameters_label_errors():
     model.gate.data = model.gate.data.to(torch.complex64)
     with pytest.raises(TypeError, match="gate"):
         shardopt.ZeroOptimizer(model.named_parameters(), shardopt.AdamW)
+
+
+
+def test_a_heavily_padded_plan_warns():
+    import warnings
+
+    from shardopt.zero_optimizer import warn_if_padded
+
+    big = [shardopt.ParamInfo(i, f"m{i}", (1024, 1024), "float32", 0, shardopt.Granularity.MATRIX) for i in range(2)]
+    # Two whole 1M-element matrices over 8 ranks: six regions are all padding.
+    with pytest.warns(UserWarning, match="raise bucket_numel"):
+        warn_if_padded(shardopt.plan_shards(big, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_padded(shardopt.plan_shards(big, 2))
