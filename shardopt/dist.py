@@ -11,7 +11,8 @@ Recognised launchers, first match wins:
   ``OMPI_COMM_WORLD_LOCAL_RANK``.
 * MPICH / Intel MPI (PMI): ``PMI_RANK``, ``PMI_SIZE``, ``MPI_LOCALRANKID``.
 * Slurm (``srun``): ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; the
-  master is the first host of ``SLURM_JOB_NODELIST`` unless ``MASTER_ADDR`` is set.
+  master is the first host of ``SLURM_JOB_NODELIST`` (or ``SLURM_NODELIST``) unless
+  ``MASTER_ADDR`` is set; the port is ``MASTER_PORT`` or 29500.
 
 Under MPI, when no ``MASTER_ADDR``/``MASTER_PORT`` is given, rank 0 binds a
 free port on ``127.0.0.1`` (single node) or on its host name, and mpi4py
@@ -50,35 +51,70 @@ def _int(env: Mapping[str, str], name: str) -> int:
         raise ValueError(f"Invalid environment: {name}={value!r} is not an integer") from None
 
 
+def _required(env: Mapping[str, str], launcher: str, name: str, partner: str) -> int:
+    if name not in env:
+        raise ValueError(f"Invalid environment ({launcher}): {partner} is set but {name} is missing")
+    return _int(env, name)
+
+
 def first_slurm_host(nodelist: str) -> str:
-    """The first host of a Slurm node list such as ``gpu[003-005,9],cpu1`` -> ``gpu003``."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match or not match.group(1):
+    """The first host of a Slurm node list: ``gpu[003-005,9],cpu1`` -> ``gpu003``.
+
+    Handles several bracket groups in one name (``rack[1-2]-n[01-04]`` ->
+    ``rack1-n01``) and keeps leading zeros.
+    """
+    text = nodelist.strip()
+    host: list[str] = []
+    i = 0
+    while i < len(text) and text[i] != ",":
+        if text[i] == "[":
+            end = text.find("]", i)
+            first = re.split(r"[,-]", text[i + 1 : end])[0] if end > i else ""
+            if not first:
+                break
+            host.append(first)
+            i = end + 1
+        elif text[i] == "]":
+            host = []
+            break
+        else:
+            host.append(text[i])
+            i += 1
+    if not host or (i < len(text) and text[i] not in ","):
         raise ValueError(f"Invalid environment: cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, ranges = match.group(1), match.group(2)
-    if ranges is None:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    return "".join(host)
 
 
 def launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv | None:
-    """The launcher's view of this process, or ``None`` when started alone."""
+    """The launcher's view of this process, or ``None`` when started alone.
+
+    Raises ``ValueError`` naming the variables when they are incomplete,
+    not integers, or disagree (a rank outside ``[0, world_size)``, a local
+    rank above the global rank, no master address for a multi-process
+    torchrun or Slurm job).
+    """
     env = os.environ if env is None else env
     port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else None
-    addr = env.get("MASTER_ADDR")
-    if "RANK" in env and "WORLD_SIZE" in env:
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"Invalid environment: MASTER_PORT={port} is not a TCP port (1-65535)")
+    addr = env.get("MASTER_ADDR") or None
+    if "RANK" in env or "WORLD_SIZE" in env:
+        rank_name, size_name = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
+        _required(env, "torchrun", size_name, rank_name)
         found = LaunchEnv("torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"),
                           _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0, addr, port)
     elif "OMPI_COMM_WORLD_RANK" in env:
-        found = LaunchEnv("openmpi", _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE"),
+        found = LaunchEnv("openmpi", _int(env, "OMPI_COMM_WORLD_RANK"),
+                          _required(env, "openmpi", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
                           _int(env, "OMPI_COMM_WORLD_LOCAL_RANK") if "OMPI_COMM_WORLD_LOCAL_RANK" in env else 0,
                           addr, port)
     elif "PMI_RANK" in env:
-        found = LaunchEnv("pmi", _int(env, "PMI_RANK"), _int(env, "PMI_SIZE"),
+        found = LaunchEnv("pmi", _int(env, "PMI_RANK"), _required(env, "pmi", "PMI_SIZE", "PMI_RANK"),
                           _int(env, "MPI_LOCALRANKID") if "MPI_LOCALRANKID" in env else 0, addr, port)
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        if addr is None and "SLURM_JOB_NODELIST" in env:
-            addr = first_slurm_host(env["SLURM_JOB_NODELIST"])
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if addr is None and nodelist:
+            addr = first_slurm_host(nodelist)
         found = LaunchEnv("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
                           _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0, addr,
                           port if port is not None else DEFAULT_PORT)
@@ -138,15 +174,16 @@ def init_from_env(backend: str | None = None, *, timeout_s: float = 600.0) -> La
     """Initialise the default process group from the launcher's environment.
 
     Returns the :class:`LaunchEnv`, or ``None`` (and initialises nothing) when
-    the process was started alone. Under NCCL each process takes GPU
-    ``local_rank``.
+    the process was started alone. The backend is ``backend``, else the
+    ``SHARDOPT_BACKEND`` variable, else :func:`default_backend`. Under NCCL each
+    process takes GPU ``local_rank``.
     """
     import datetime
 
     found = launch_env()
     if found is None or dist.is_initialized():
         return found
-    backend = backend or default_backend()
+    backend = backend or os.environ.get("SHARDOPT_BACKEND") or default_backend()
     addr, port = found.master_addr, found.master_port
     if found.launcher in ("openmpi", "pmi") and (addr is None or port is None):
         addr, port = _mpi_rendezvous(found)
