@@ -1,0 +1,78 @@
+"""examples/train_gpt.py end to end, in this process, one rank: every optimizer
+trains a few steps on tiny settings and writes its loss plot."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import train_gpt  # noqa: E402
+
+TINY = ["--steps", "3", "--batch-size", "2", "--seq-len", "16", "--eval-every", "2"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def single_process():
+    """No launcher variables (the example must not try to join a job) and one thread."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SHARDOPT_BACKEND")
+           and not k.startswith(("OMPI_COMM_WORLD_", "PMI_", "SLURM_"))}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with mock.patch.dict(os.environ, env, clear=True):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("optimizer", sorted(train_gpt.OPTIMIZERS))
+def test_each_optimizer_trains_and_plots(optimizer, tmp_path, capsys, single_process):
+    plot = tmp_path / "loss.png"
+    result = train_gpt.main([*TINY, "--optimizer", optimizer, "--plot", str(plot)])
+    assert [step for step, _ in result["history"]] == [1, 2, 3]
+    assert all(math.isfinite(loss) for _, loss in result["history"])
+    assert [step for step, _ in result["evals"]] == [2, 3]
+    assert result["world_size"] == 1 and len(result["state_bytes_per_rank"]) == 1
+    assert plot.stat().st_size > 1000 and plot.read_bytes()[:8] == PNG_MAGIC
+    out = capsys.readouterr().out
+    # the progress bar: step, loss, tokens/s and this rank's optimizer memory
+    assert "3/3 loss " in out and " tok/s " in out and " MiB/rank" in out
+    assert f"{optimizer} ZeRO-2" in out and f"wrote {plot}" in out
+
+
+def test_state_bytes_match_the_optimizer(tmp_path, single_process):
+    # AdamW keeps exp_avg and exp_avg_sq: 8 fp32 bytes per parameter on one rank
+    # (plus a step counter per bucket).
+    result = train_gpt.main([*TINY, "--optimizer", "adamw", "--plot", ""])
+    params = sum(p.numel() for p in train_gpt.GPT(train_gpt.PRESETS["tiny"]).parameters())
+    params -= (128 - 16) * 128  # --seq-len 16 shortens the position embedding
+    (state_bytes,) = result["state_bytes_per_rank"]
+    assert 8 * params <= state_bytes <= 8 * params + 64
+    # SGD without momentum keeps nothing.
+    assert train_gpt.main([*TINY, "--optimizer", "sgd", "--plot", ""])["state_bytes_per_rank"] == [0]
+
+
+def test_save_params_and_no_plot(tmp_path, capsys, single_process):
+    path = tmp_path / "out" / "params.pt"
+    train_gpt.main([*TINY, "--stage", "1", "--schedule", "constant", "--plot", "", "--save-params", str(path)])
+    saved = torch.load(path)
+    assert "embed.weight" in saved and saved["pos_embed.weight"].shape == (16, 128)
+    assert "wrote" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("schedule", sorted(train_gpt.schedules.SCHEDULES))
+def test_every_schedule_name_builds(schedule):
+    config = {**train_gpt.DEFAULTS, "schedule": schedule, "steps": 2}
+    values = [train_gpt.build_schedule(config)(step) for step in range(4)]
+    assert all(0.0 <= v <= 1.0 for v in values)
