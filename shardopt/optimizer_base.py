@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .rules.base import STEP, UpdateRule, allocate_state
+from .rules.base import STEP, UpdateRule, allocate_state, apply_update
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
@@ -149,5 +149,5 @@ class RuleOptimizer(torch.optim.Optimizer):
                 params.append(param)
                 grads.append(param.grad)
                 states.append(self.init_state(param, group))
-            self.rule_for_group(group).update(params, grads, states, group)
+            apply_update(self.rule_for_group(group), params, grads, states, group)
         return loss

@@ -42,7 +42,7 @@ from .hooks import GradientReducer
 from .optimizer_base import ParamsT, RuleOptimizer
 from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
 from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, plan_shards
-from .rules.base import Granularity
+from .rules.base import Granularity, apply_update
 
 # Warn when padding exceeds this share of a plan of at least this many elements
 # (tiny test models pad proportionally more and do not matter).
@@ -310,7 +310,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     params.append(master[: buffers.used_numel])
                     group_grads.append(grad)
                     states.append(buffers.states)
-            self.inner.rule_for_group(group).update(params, group_grads, states, group)
+            apply_update(self.inner.rule_for_group(group), params, group_grads, states, group)
 
     # ---------------------------------------------------------- introspection
 

@@ -181,3 +181,65 @@ def increment_steps(states: list[dict[str, Tensor]]) -> list[float]:
     if steps:
         torch._foreach_add_(steps, 1.0)
     return [float(step.item()) for step in steps]
+
+
+# Elementwise rules run torch._foreach_* ops, whose out-of-place results (Adam's
+# denominator, RMSprop's average) are as large as the whole list they cover. On
+# CPU a model-sized temporary is re-mapped by the kernel every step (page
+# faults) and never stays in cache; torch.optim's default per-parameter loop
+# avoids that. Feeding the rule lists of at most this many elements restores the
+# cache reuse and keeps results bitwise equal (the ops and their order are
+# unchanged: the rules are elementwise). Measured in benchmarks/bench_rules.py.
+CPU_CHUNK_NUMEL = 1 << 20
+
+
+def apply_update(
+    rule: UpdateRule,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    hp: Mapping[str, Any],
+) -> None:
+    """``rule.update`` over cache-sized lists on CPU; one call elsewhere or for matrix rules."""
+    if (
+        rule.granularity is not Granularity.ELEMENTWISE
+        or not params
+        or params[0].device.type != "cpu"
+        or sum(p.numel() for p in params) <= CPU_CHUNK_NUMEL
+    ):
+        rule.update(params, grads, states, hp)
+        return
+    batch: tuple[list[Tensor], list[Tensor], list[dict[str, Tensor]]] = ([], [], [])
+    batch_numel = 0
+    for param, grad, state in zip(params, grads, states):
+        for piece in _pieces(param, grad, state):
+            if batch_numel + piece[0].numel() > CPU_CHUNK_NUMEL and batch[0]:
+                rule.update(*batch, hp)
+                batch, batch_numel = ([], [], []), 0
+            for target, item in zip(batch, piece):
+                target.append(item)  # type: ignore[attr-defined]
+            batch_numel += piece[0].numel()
+    if batch[0]:
+        rule.update(*batch, hp)
+
+
+def _pieces(param: Tensor, grad: Tensor, state: dict[str, Tensor]):
+    """Views of ``param``, its gradient and its state in chunks of CPU_CHUNK_NUMEL elements.
+
+    Scalar states (``step``) are shared by every piece of a parameter: the first
+    piece holds the real tensor, the others a copy taken before the update, so the
+    step advances once and every piece sees the same value.
+    """
+    if param.numel() <= CPU_CHUNK_NUMEL or not (param.is_contiguous() and grad.is_contiguous()):
+        yield param, grad, state
+        return
+    flat_state = {name: t.view(-1).split(CPU_CHUNK_NUMEL) for name, t in state.items() if t.dim() > 0}
+    scalars = {name: t for name, t in state.items() if t.dim() == 0}
+    copies = {name: t.clone() for name, t in scalars.items()}
+    for index, (param_piece, grad_piece) in enumerate(
+        zip(param.view(-1).split(CPU_CHUNK_NUMEL), grad.view(-1).split(CPU_CHUNK_NUMEL))
+    ):
+        piece_state = {name: chunks[index] for name, chunks in flat_state.items()}
+        for name in scalars:
+            piece_state[name] = scalars[name] if index == 0 else copies[name].clone()
+        yield param_piece, grad_piece, piece_state
