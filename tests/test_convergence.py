@@ -14,16 +14,6 @@ from torch import nn
 
 import shardopt
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These problems are tiny; extra intra-op threads only add contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ---------------------------------------------------------------------------
 # (a) MLP on four Gaussian blobs, full batch
 

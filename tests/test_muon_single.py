@@ -21,13 +21,6 @@ NS_STEPS = 5
 BAND_TOL = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors only: extra intra-op threads only add contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def matrix_with_singular_values(rows, cols, scale, gen):

@@ -12,15 +12,6 @@ import shardopt
 from shardopt import rules
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors only: extra intra-op threads only add contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def seeded(*shape, seed=0, dtype=torch.float64):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 

@@ -17,16 +17,6 @@ import torch
 
 import shardopt
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors only: extra intra-op threads only add contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 NUM_STEPS = 60
 # 1-element, odd-sized 1-D, 2-D, 3-D and square parameters.
 SHAPES = [(1,), (7,), (5, 3), (2, 3, 5), (4, 4)]
