@@ -38,6 +38,21 @@ class _Done:
         return True
 
 
+class _SumRegions:
+    """Completes an all-to-all reduce-scatter: mean of the received regions."""
+
+    def __init__(self, work: Any, received: Tensor, output: Tensor, world_size: int) -> None:
+        self.work, self.received, self.output, self.world_size = work, received, output, world_size
+
+    def wait(self) -> bool:
+        if self.received is not None:
+            self.work.wait()
+            torch.sum(self.received.view(self.world_size, -1), dim=0, out=self.output)
+            self.output.div_(self.world_size)
+            self.received = None
+        return True
+
+
 class Communicator:
     """Collectives over one process group (``None``: no group, one rank)."""
 
@@ -46,6 +61,7 @@ class Communicator:
         distributed = group is not None
         self.world_size = dist.get_world_size(group) if distributed else 1
         self.rank = dist.get_rank(group) if distributed else 0
+        self.gloo = distributed and dist.get_backend(group) == "gloo"
         self.bytes_sent: Counter[str] = Counter()
         self.num_calls: Counter[str] = Counter()
 
@@ -71,6 +87,17 @@ class Communicator:
             output.copy_(flat)
             return _Done()
         self._count("reduce_scatter", self._share(flat.numel() * flat.element_size()))
+        if self.gloo:
+            # gloo has no native reduce-scatter: torch's gloo reduce_scatter_tensor
+            # moves all-reduce volume (measured 1.50x the ideal on the wire at two
+            # ranks). An all-to-all sends each region straight to its owner
+            # ((N-1)/N of the buffer, the ideal) and the owner sums locally.
+            received = torch.empty_like(flat)
+            work = dist.all_to_all_single(received, flat, group=self.group, async_op=True)
+            done = _SumRegions(work, received, output, self.world_size)
+            if not async_op:
+                done.wait()
+            return done
         return _reduce_scatter_flat(
             output, flat, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op
         )
