@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .rules.base import StateShape
+from .rules.base import Granularity, StateShape
 
 if TYPE_CHECKING:
     from .zero_optimizer import ZeroOptimizer
@@ -89,7 +89,7 @@ def full_state_dict(opt: ZeroOptimizer, *, all_ranks: bool = False) -> dict[str,
 def _local_scalars(opt: ZeroOptimizer, buffers: Any) -> dict[int, dict[str, float]]:
     """Scalar states (``step``) this rank can vouch for, by parameter index."""
     out: dict[int, dict[str, float]] = {}
-    if buffers.bucket.granularity.value == "matrix":
+    if buffers.bucket.granularity is Granularity.MATRIX:
         for piece, per_matrix in zip(buffers.bucket.pieces(opt.comm.rank), buffers.matrix_states):
             out[piece.param] = {n: float(t) for n, t in per_matrix.items() if t.dim() == 0}
     elif opt.comm.rank == 0:
@@ -180,7 +180,7 @@ def _load_full(opt: ZeroOptimizer, state: dict[int, dict[str, Any]]) -> None:
         for spec in specs:
             if spec.shape is not StateShape.SCALAR:
                 continue
-            if bucket.granularity.value == "matrix":
+            if bucket.granularity is Granularity.MATRIX:
                 for piece, per_matrix in zip(pieces, buffers.matrix_states):
                     per_matrix[spec.name].fill_(_scalar(state.get(piece.param, {}), spec))
             else:

@@ -157,9 +157,3 @@ class GradientReducer:
         self.arrived.clear()
         self.num_pending = [len(bucket.slots) for bucket in self.plan.buckets]
         self.next_launch = 0
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-

@@ -149,14 +149,6 @@ class ShardPlan:
     def _by_index(self) -> dict[int, ParamInfo]:
         return {info.index: info for info in self.params}
 
-    @property
-    def region_numel(self) -> int:
-        """Elements of one rank's regions over all buckets (equal on every rank)."""
-        return sum(bucket.region_numel for bucket in self.buckets)
-
-    def used_numel_on(self, rank: int) -> int:
-        return sum(piece.numel for bucket in self.buckets for piece in bucket.pieces(rank))
-
     def fingerprint(self) -> str:
         """A digest of everything that must agree across ranks and checkpoints."""
         text = repr((self.world_size, self.params, self.buckets))

@@ -16,6 +16,7 @@ rules) and on whole matrices owned by one rank (ZeRO, Muon).
 
 from __future__ import annotations
 
+import abc
 import enum
 import math
 from collections.abc import Mapping, Sequence
@@ -127,7 +128,7 @@ def check_bool(name: str, value: Any) -> None:
         raise TypeError(f"Invalid {name}: {value!r} (expected True or False)")
 
 
-class UpdateRule:
+class UpdateRule(abc.ABC):
     """Declaration and math of one optimizer family.
 
     Subclasses set :attr:`name`, :attr:`granularity` and :attr:`defaults`, and
@@ -143,14 +144,15 @@ class UpdateRule:
     granularity: ClassVar[Granularity] = Granularity.ELEMENTWISE
     defaults: ClassVar[Mapping[str, Any]]
 
+    @abc.abstractmethod
     def validate(self, hp: Mapping[str, Any]) -> None:
         """Raise ValueError/TypeError naming the first bad hyperparameter."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def state_specs(self, hp: Mapping[str, Any]) -> tuple[StateSpec, ...]:
         """The state this rule keeps per parameter under hyperparameters ``hp``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def update(
         self,
         params: list[Tensor],
@@ -158,7 +160,7 @@ class UpdateRule:
         states: list[dict[str, Tensor]],
         hp: Mapping[str, Any],
     ) -> None:
-        raise NotImplementedError
+        """Update ``params`` and ``states`` in place from explicit ``grads``."""
 
     def state_bytes(self, hp: Mapping[str, Any], numel: int, dtype: torch.dtype) -> int:
         """Bytes of state for one parameter (or region) of ``numel`` elements."""
