@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .rules.base import Granularity, StateShape
+from .rules.base import StateShape
 
 if TYPE_CHECKING:
     from .zero_optimizer import ZeroOptimizer
@@ -34,12 +34,7 @@ def _param_groups(opt: ZeroOptimizer) -> list[dict[str, Any]]:
 
 
 def sharded_state_dict(opt: ZeroOptimizer) -> dict[str, Any]:
-    state = {
-        buffers.bucket.index: {"region": dict(buffers.states),
-                               "matrices": [dict(m) for m in buffers.matrix_states]}
-        for buffers in opt.buffers
-        if buffers.states
-    }
+    state = {buffers.storage.index: {"area": dict(buffers.states)} for buffers in opt.storages if buffers.states}
     return {
         "state": state,
         "param_groups": _param_groups(opt),
@@ -57,20 +52,19 @@ def sharded_state_dict(opt: ZeroOptimizer) -> dict[str, Any]:
 def full_state_dict(opt: ZeroOptimizer, *, all_ranks: bool = False) -> dict[str, Any] | None:
     keep = all_ranks or opt.comm.rank == 0
     state: dict[int, dict[str, torch.Tensor]] = {}
-    for buffers in opt.buffers:
+    for buffers in opt.storages:
         if not buffers.states:
             continue
-        bucket = buffers.bucket
-        region_numel = bucket.region_numel
+        storage = buffers.storage
         for name, tensor in buffers.states.items():
             if tensor.dim() == 0:
                 continue
-            local = torch.zeros(region_numel, dtype=tensor.dtype, device=tensor.device)
+            local = torch.zeros(storage.area_numel, dtype=tensor.dtype, device=tensor.device)
             local[: tensor.numel()].copy_(tensor)
-            flat = torch.empty(bucket.flat_numel, dtype=tensor.dtype, device=tensor.device)
+            flat = torch.empty(storage.flat_numel, dtype=tensor.dtype, device=tensor.device)
             opt.comm.all_gather_into(flat, local)
             if keep:
-                for slot in bucket.slots:
+                for slot in storage.slots:
                     shape = opt.plan.param(slot.param).shape
                     piece = flat[slot.offset : slot.offset + slot.numel].view(shape).clone()
                     state.setdefault(slot.param, {})[name] = piece
@@ -87,16 +81,11 @@ def full_state_dict(opt: ZeroOptimizer, *, all_ranks: bool = False) -> dict[str,
 
 
 def _local_scalars(opt: ZeroOptimizer, buffers: Any) -> dict[int, dict[str, float]]:
-    """Scalar states (``step``) this rank can vouch for, by parameter index."""
-    out: dict[int, dict[str, float]] = {}
-    if buffers.bucket.granularity is Granularity.MATRIX:
-        for piece, per_matrix in zip(buffers.bucket.pieces(opt.comm.rank), buffers.matrix_states):
-            out[piece.param] = {n: float(t) for n, t in per_matrix.items() if t.dim() == 0}
-    elif opt.comm.rank == 0:
-        scalars = {n: float(t) for n, t in buffers.states.items() if t.dim() == 0}
-        if scalars:
-            out = {slot.param: dict(scalars) for slot in buffers.bucket.slots}
-    return out
+    """Scalar states (``step``): one per storage, identical on every rank; rank 0 reports them."""
+    if opt.comm.rank != 0:
+        return {}
+    scalars = {n: float(t) for n, t in buffers.states.items() if t.dim() == 0}
+    return {slot.param: dict(scalars) for slot in buffers.storage.slots} if scalars else {}
 
 
 def _ordered(opt: ZeroOptimizer, index: int, entry: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -144,48 +133,38 @@ def _check_shard(opt: ZeroOptimizer, shard: dict[str, Any]) -> None:
 
 
 def _load_sharded(opt: ZeroOptimizer, state: dict[Any, Any]) -> None:
-    for buffers in opt.buffers:
-        saved = state.get(buffers.bucket.index)
+    for buffers in opt.storages:
+        saved = state.get(buffers.storage.index)
         if saved is None:
             continue
         opt.ensure_states(buffers)
-        for name, tensor in saved["region"].items():
+        for name, tensor in saved["area"].items():
             buffers.states[name].copy_(tensor)
-        for mine, theirs in zip(buffers.matrix_states, saved["matrices"]):
-            for name, tensor in theirs.items():
-                mine[name].copy_(tensor)
 
 
 def _load_full(opt: ZeroOptimizer, state: dict[int, dict[str, Any]]) -> None:
     if not any(index in state for index in opt.params):
         return
-    for buffers in opt.buffers:
-        bucket = buffers.bucket
-        group = opt.param_groups[bucket.group]
+    for buffers in opt.storages:
+        storage = buffers.storage
+        group = opt.param_groups[storage.group]
         specs = opt.inner.rule_for_group(group).state_specs(group)
         opt.ensure_states(buffers)
-        pieces = bucket.pieces(opt.comm.rank)
+        pieces = storage.pieces(opt.comm.rank)
         for spec in specs:
             if spec.shape is StateShape.SCALAR:
+                entry = next((state[s.param] for s in storage.slots if s.param in state), {})
+                buffers.states[spec.name].fill_(_scalar(entry, spec))
                 continue
-            region = buffers.states[spec.name]
+            area = buffers.states[spec.name]
             for piece in pieces:
                 source = state.get(piece.param, {}).get(spec.name)
-                target = region[piece.region_offset : piece.region_offset + piece.numel]
+                target = area[piece.region_offset : piece.region_offset + piece.numel]
                 if source is None:
                     target.fill_(spec.init)
                 else:
                     flat = torch.as_tensor(source).reshape(-1)
                     target.copy_(flat[piece.param_offset : piece.param_offset + piece.numel])
-        for spec in specs:
-            if spec.shape is not StateShape.SCALAR:
-                continue
-            if bucket.granularity is Granularity.MATRIX:
-                for piece, per_matrix in zip(pieces, buffers.matrix_states):
-                    per_matrix[spec.name].fill_(_scalar(state.get(piece.param, {}), spec))
-            else:
-                entry = next((state[s.param] for s in bucket.slots if s.param in state), {})
-                buffers.states[spec.name].fill_(_scalar(entry, spec))
 
 
 def _scalar(entry: dict[str, Any], spec: Any) -> float:

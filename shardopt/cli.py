@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", type=_gpu, default="h100-80gb", help=f"{' | '.join(memory.GPUS)} | BYTES")
     p.add_argument("--bucket-numel", type=_positive, default=DEFAULT_BUCKET_NUMEL,
                    help="ZeroOptimizer(bucket_numel=...)")
+    p.add_argument("--matrix-layout", type=_choice("matrix_layout", ["balanced", "whole"]), default="balanced",
+                   help="ZeroOptimizer(matrix_layout=...) for Muon: balanced (equal state per rank, a few "
+                   "matrices exchanged for Newton-Schulz) or whole (no exchange, padded to the busiest rank)")
     p.add_argument("--search", action="store_true",
                    help="smallest data-parallel size per ZeRO stage that fits --gpu, and the choice")
     p.add_argument("--max-dp", type=_positive, default=4096, help="largest data-parallel size for --search/--plot")
@@ -130,7 +133,7 @@ def _estimate(args: argparse.Namespace, optimizer: str, stage: int, dp: int) -> 
         args.model if args.params is None else args.params, optimizer=optimizer, precision=args.precision,
         zero_stage=stage, dp=dp, tp=args.tp, pp=args.pp, seq_len=args.seq_len, micro_batch=args.micro_batch,
         recompute=args.recompute, sequence_parallel=args.sequence_parallel, gpu=args.gpu,
-        bucket_numel=args.bucket_numel,
+        bucket_numel=args.bucket_numel, matrix_layout=args.matrix_layout,
     )
 
 

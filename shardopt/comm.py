@@ -111,6 +111,33 @@ class Communicator:
         self._count("all_gather", self._share(flat.numel() * flat.element_size()))
         return _all_gather_flat(flat, local, group=self.group, async_op=async_op)
 
+    def all_gather_chunks(self, outputs: list[Tensor], local: Tensor, *, async_op: bool = False):
+        """``outputs[r]`` <- rank ``r``'s ``local`` (equal sizes; ``local`` may be ``outputs[rank]``)."""
+        if not self.active:
+            return _Done()
+        self._count("all_gather", self._share(sum(t.numel() for t in outputs) * local.element_size()))
+        if self.gloo:
+            return dist.all_gather(outputs, local, group=self.group, async_op=async_op)
+        # NCCL gathers list outputs through one flat buffer anyway; do it here so the
+        # bytes are sent once, then copy into the (non-adjacent) chunks.
+        flat = torch.empty(len(outputs) * local.numel(), dtype=local.dtype, device=local.device)
+        _all_gather_flat(flat, local, group=self.group)
+        for output, piece in zip(outputs, flat.split(local.numel())):
+            output.copy_(piece)
+        return _Done()
+
+    def exchange(self, send: Tensor, send_counts: list[int], receive_counts: list[int]) -> Tensor:
+        """All-to-all with uneven parts: ``send_counts[r]`` elements of ``send`` go to rank ``r``;
+        returns what every rank sent here, in rank order."""
+        received = torch.empty(sum(receive_counts), dtype=send.dtype, device=send.device)
+        if not self.active:
+            received.copy_(send)
+            return received
+        mine = send_counts[self.rank]
+        self._count("exchange", (sum(send_counts) - mine) * send.element_size())
+        dist.all_to_all_single(received, send, receive_counts, send_counts, group=self.group)
+        return received
+
     def all_gather_into(self, output: Tensor, local: Tensor) -> None:
         """``output`` (``world_size * local.numel()``) <- every rank's ``local``."""
         if not self.active:

@@ -54,10 +54,11 @@ class GradientReducer:
         self.on_reduced = on_reduced
         self.finished = False
         self._callback_queued = False
-        self.location: dict[int, tuple[int, int, int]] = {}
+        # Where each parameter's gradient goes: (bucket, offset in its flat, slot).
+        self.location: dict[int, list[tuple[int, Any]]] = {}
         for bucket in plan.buckets:
             for slot in bucket.slots:
-                self.location[slot.param] = (bucket.index, slot.offset, slot.numel)
+                self.location.setdefault(slot.param, []).append((bucket.index, slot))
         self.num_pending = [len(bucket.slots) for bucket in plan.buckets]
         self.arrived: set[int] = set()
         self.next_launch = 0
@@ -90,18 +91,21 @@ class GradientReducer:
                 "accumulate micro-batches inside ZeroOptimizer.no_sync() and run the last "
                 "backward outside it"
             )
-        bucket_index, offset, numel = self.location[index]
-        flat = self.buffers[bucket_index].ensure_grad_flat()
-        target = flat[offset : offset + numel]
-        if param.grad is None:
-            target.zero_()
-        else:
-            if param.grad.is_sparse:
+        grad = param.grad
+        if grad is not None:
+            if grad.is_sparse:
                 raise TypeError(f"{self.label(param)}: sparse gradients are not supported")
-            target.copy_(param.grad.reshape(-1))
-            param.grad = None
+            grad = grad.reshape(-1)
+        for bucket_index, slot in self.location[index]:
+            flat = self.buffers[bucket_index].ensure_grad_flat()
+            target = flat[slot.offset : slot.offset + slot.numel]
+            if grad is None:
+                target.zero_()
+            else:
+                target.copy_(grad[slot.param_offset : slot.param_offset + slot.numel])
+            self.num_pending[bucket_index] -= 1
+        param.grad = None
         self.arrived.add(index)
-        self.num_pending[bucket_index] -= 1
 
     def launch_ready(self) -> None:
         while self.next_launch < len(self.buffers) and self.num_pending[self.next_launch] == 0:
@@ -118,11 +122,10 @@ class GradientReducer:
                 flat[cursor : slot.offset].zero_()
             cursor = slot.offset + slot.numel
         flat[cursor:].zero_()
-        if self.stage == 1:
-            buffers.ensure_grad_region()
+        if buffers.owner.keep_grad_flat:
             self.in_flight.append((buffers, self.comm.all_reduce_avg(flat, async_op=True)))
         else:
-            region = buffers.ensure_grad_region()
+            region = buffers.grad_region()
             self.in_flight.append((buffers, self.comm.reduce_scatter_avg(region, flat, async_op=True)))
             # Stage 2 keeps at most MAX_IN_FLIGHT full-bucket gradient buffers alive:
             # waiting for the oldest frees it, so peak gradient memory is this rank's
@@ -150,7 +153,8 @@ class GradientReducer:
     @staticmethod
     def _complete(buffers: BucketBuffers, work: Any) -> None:
         work.wait()
-        buffers.release_grad_flat()
+        if not buffers.owner.keep_grad_flat:
+            buffers.release_grad_flat()
 
     def reset(self) -> None:
         self.finished = False

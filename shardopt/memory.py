@@ -57,7 +57,6 @@ from .memory_plan import (
 )
 from .muon_optimizer import muon_param_groups
 from .plan import DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan
-from .rules.base import Granularity
 
 __all__ = [
     "GPUS", "OPTIMIZERS", "PRECISIONS", "STAGES", "MemoryReport", "Precision", "RankBytes", "choose", "estimate",
@@ -153,6 +152,7 @@ def estimate(
     bucket_numel: int = DEFAULT_BUCKET_NUMEL,
     hyperparameters: Mapping[str, Any] | None = None,
     grad_arrival: Sequence[str] | None = None,
+    matrix_layout: str = "balanced",
 ) -> MemoryReport:
     """Per-GPU memory of training ``model`` with ZeRO ``zero_stage`` over ``dp`` ranks.
 
@@ -167,7 +167,8 @@ def estimate(
     ``hyperparameters``: overrides for the rule (``{"amsgrad": True}``; Muon's
     apply to its matrix group). ``grad_arrival``: parameter names in the order
     their gradients complete, for the stage-2 window (default: assumed, see
-    :func:`shardopt.presets.backward_order`).
+    :func:`shardopt.presets.backward_order`). ``matrix_layout``: Muon's
+    layout, ``"balanced"`` or ``"whole"`` (:class:`~shardopt.ZeroOptimizer`).
 
     Example::
 
@@ -191,7 +192,7 @@ def estimate(
     for stage, named in source.stages.items():
         infos, groups = param_infos(named, optimizer, precision.param, hyperparameters)
         plan, ranks = plan_rank_bytes(infos, groups, precision, zero_stage, dp, bucket_numel,
-                                      _arrival(infos, named, arch, grad_arrival))
+                                      _arrival(infos, named, arch, grad_arrival), matrix_layout)
         acts = {} if arch is None else act.activation_bytes(
             arch, seq_len=seq_len, micro_batch=micro_batch, tp=tp, pp=pp, stage=stage,
             sequence_parallel=sequence_parallel, recompute=recompute)
@@ -203,6 +204,7 @@ def estimate(
     notes += _plan_notes(plan, dp)
     settings = {"seq_len": seq_len, "micro_batch": micro_batch, "recompute": recompute,
                 "sequence_parallel": sequence_parallel, "bucket_numel": bucket_numel,
+                "matrix_layout": matrix_layout,
                 "specs": {type(rule).__name__: [s.name for s in rule.state_specs(hp)] for rule, hp in groups}}
     return MemoryReport(
         model=source.name, total_params=source.total_params, matrix_params=matrix_params, optimizer=optimizer,
@@ -227,11 +229,14 @@ def _arrival(infos: Sequence[ParamInfo], named: Sequence[tuple[str, Any, bool]],
 
 
 def _plan_notes(plan: ShardPlan, dp: int) -> list[str]:
-    matrix = [b for b in plan.buckets if b.granularity is Granularity.MATRIX]
-    used, flat = sum(b.used_numel for b in matrix), sum(b.flat_numel for b in matrix)
-    if flat <= 1.5 * used:
+    balance = plan.matrix_balance()
+    if not balance or plan.world_size == 1:
         return []
-    single, owners = sum(len(b.slots) == 1 for b in matrix), {o for b in matrix for o in b.owners}
-    return [f"matrix buckets are {flat / used:.1f}x their matrices, {flat - used:,} padding elements "
-            f"({single} of {len(matrix)} hold one matrix; {len(owners)} of {dp} ranks own any): a bucket's "
-            "region is its largest per-rank load (plan_shards caps buckets at bucket_numel)"]
+    note = (f"Muon ({plan.matrix_layout} layout) over {plan.world_size} ranks: state max/mean "
+            f"{balance['state_max_over_mean']:.3f}, padding {100 * balance['padding_fraction']:.2f}% of the "
+            f"matrices, Newton-Schulz max/mean {balance['ns_max_over_mean']:.3f} (one matrix alone: "
+            f"{balance['ns_lower_bound']:.3f})")
+    if balance["num_straddlers"]:
+        note += (f"; {int(balance['num_straddlers'])} matrices cross rank boundaries, exchanged for "
+                 f"Newton-Schulz: <= {int(balance['exchange_max_numel']):,} elements per rank per step")
+    return [note]

@@ -25,7 +25,7 @@ from .hooks import MAX_IN_FLIGHT
 from .muon_optimizer import Muon, muon_param_groups
 from .optimizer_base import RuleOptimizer
 from .optimizers import SGD, Adagrad, Adam, AdamW, Lion, RMSprop
-from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, Bucket, ParamInfo, ShardPlan, plan_shards
+from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, Storage, plan_shards
 from .rules import AdamWRule, MuonRule
 from .rules.base import Granularity, StateShape, StateSpec, UpdateRule
 from .rules.muon import resolve_ns_dtype
@@ -170,27 +170,22 @@ class _RankShare:
     """One rank's share of a plan, per param group: what the states are allocated over."""
 
     used_numel: dict[int, int]
-    num_buckets: dict[int, int]
-    num_matrices: dict[int, int]
-    matrix_shapes: dict[int, tuple[tuple[int, ...], ...]]  # per group, in the order step() passes them
+    num_storages: dict[int, int]
+    matrix_shapes: dict[int, tuple[tuple[int, ...], ...]]  # per group: the matrices it orthogonalizes
+    straddler_numel: dict[int, int]  # per group: elements of the straddlers it orthogonalizes
 
 
-def used_by_rank(bucket: Bucket) -> list[int]:
-    """``[bucket.used_region_numel(r) for r in range(world_size)]`` without a call per rank.
+def used_by_rank(storage: Storage) -> list[int]:
+    """``[storage.used_area_numel(r) for r in range(world_size)]`` without a call per rank.
 
-    Elementwise buckets lay their slots end to end, so a rank's used elements run
-    from its region start to the end of the last slot reaching into it; ranks a
-    slot covers whole use their whole region. Matrix buckets ask the plan for
-    their owners only (a rank owning no matrix uses nothing). Tested equal to
-    ``Bucket.used_region_numel`` on every rank.
+    Slots lie end to end in storage order, so a rank's used elements run from
+    its area start to the end of the last slot reaching into it; ranks a slot
+    covers whole use their whole area. Tested equal to
+    ``Storage.used_area_numel`` on every rank.
     """
-    used = [0] * bucket.world_size
-    if bucket.granularity is Granularity.MATRIX:
-        for rank in set(bucket.owners):
-            used[rank] = bucket.used_region_numel(rank)
-        return used
-    size = bucket.region_numel
-    for slot in bucket.slots:
+    used = [0] * storage.world_size
+    size = storage.area_numel
+    for slot in storage.slots:
         if slot.numel == 0:
             continue
         end = slot.offset + slot.numel
@@ -202,42 +197,41 @@ def used_by_rank(bucket: Bucket) -> list[int]:
 
 
 @lru_cache(maxsize=64)
-def _plan(infos: tuple[ParamInfo, ...], world_size: int, bucket_numel: int) -> tuple[ShardPlan, tuple[_RankShare, ...]]:
-    plan = plan_shards(infos, world_size, bucket_numel=bucket_numel, align_numel=DEFAULT_ALIGN_NUMEL)
-    groups = {b.group for b in plan.buckets}
+def _plan(infos: tuple[ParamInfo, ...], world_size: int, bucket_numel: int, matrix_layout: str,
+          chunk_matrices: bool) -> tuple[ShardPlan, tuple[_RankShare, ...]]:
+    plan = plan_shards(infos, world_size, bucket_numel=bucket_numel, align_numel=DEFAULT_ALIGN_NUMEL,
+                       matrix_layout=matrix_layout, chunk_matrices=chunk_matrices)
+    groups = {s.group for s in plan.storages}
     used = {g: [0] * world_size for g in groups}
-    matrices = {g: [0] * world_size for g in groups}
     shapes: dict[int, list[list[tuple[int, ...]]]] = {g: [[] for _ in range(world_size)] for g in groups}
-    num_buckets: dict[int, int] = {}
-    by_index = {info.index: info for info in infos}
-    for bucket in plan.buckets:
-        g = bucket.group
-        num_buckets[g] = num_buckets.get(g, 0) + 1
-        for rank, numel in enumerate(used_by_rank(bucket)):
+    straddling = {g: [0] * world_size for g in groups}
+    num_storages: dict[int, int] = {}
+    for storage in plan.storages:
+        g = storage.group
+        num_storages[g] = num_storages.get(g, 0) + 1
+        for rank, numel in enumerate(used_by_rank(storage)):
             used[g][rank] += numel
-        for owner in bucket.owners:
-            matrices[g][owner] += 1
-        for rank in set(bucket.owners):
-            # Region order, as ZeroOptimizer.ensure_states lists a rank's matrix views.
-            shapes[g][rank] += [by_index[piece.param].shape for piece in bucket.pieces(rank)]
+        for position, (slot, owner) in enumerate(zip(storage.slots, storage.ns_owners)):
+            shapes[g][owner].append(plan.param(slot.param).shape)
+            if len(storage.members(position)) > 1:
+                straddling[g][owner] += slot.numel
     shares = tuple(
-        _RankShare({g: used[g][r] for g in groups}, num_buckets, {g: matrices[g][r] for g in groups},
-                   {g: tuple(shapes[g][r]) for g in groups})
+        _RankShare({g: used[g][r] for g in groups}, num_storages, {g: tuple(shapes[g][r]) for g in groups},
+                   {g: straddling[g][r] for g in groups})
         for r in range(world_size)
     )
     return plan, shares
 
 
 def _state_bytes(specs: Sequence[StateSpec], share: _RankShare, group: int, wide: torch.dtype) -> dict[str, int]:
-    # As BucketBuffers.allocate_states: PARAM specs over each bucket's used region, SCALAR
-    # specs once per bucket and once more per owned matrix of a matrix bucket.
+    # As StorageBuffers.allocate_states: PARAM specs over each storage's used area,
+    # SCALAR specs once per storage.
     out: dict[str, int] = {}
     for spec in specs:
         if spec.shape is StateShape.PARAM:
             nbytes = spec.nbytes(share.used_numel.get(group, 0), wide)
         else:
-            count = share.num_buckets.get(group, 0) + share.num_matrices.get(group, 0)
-            nbytes = count * spec.nbytes(1, wide)
+            nbytes = share.num_storages.get(group, 0) * spec.nbytes(1, wide)
         out[spec.name] = out.get(spec.name, 0) + nbytes
     return out
 
@@ -301,20 +295,23 @@ def reduce_window_numel(plan: ShardPlan, arrival: Sequence[int]) -> int:
     complete, and launching one more than ``MAX_IN_FLIGHT`` waits for the oldest.
     A bucket complete before the ones ahead of it waits with its buffer alive.
     """
-    bucket_of = {slot.param: bucket.index for bucket in plan.buckets for slot in bucket.slots}
-    pending = [len(bucket.slots) for bucket in plan.buckets]
+    buckets_of = plan.param_buckets()
+    pending = [0] * len(plan.buckets)
+    for counts in buckets_of.values():
+        for bucket, count in counts:
+            pending[bucket] += count
     alive: dict[int, int] = {}
     in_flight: list[int] = []
     launched = peak = 0
     for index in arrival:
-        bucket = bucket_of[index]
-        alive[bucket] = plan.buckets[bucket].flat_numel
-        pending[bucket] -= 1
+        for bucket, count in buckets_of.get(index, ()):
+            alive[bucket] = plan.buckets[bucket].flat_numel
+            pending[bucket] -= count
         while launched < len(pending) and pending[launched] == 0:
             in_flight.append(launched)
             launched += 1
             while len(in_flight) > MAX_IN_FLIGHT:
-                alive.pop(in_flight.pop(0))
+                alive.pop(in_flight.pop(0), None)
         peak = max(peak, sum(alive.values()))
     return peak
 
@@ -327,20 +324,22 @@ def plan_rank_bytes(
     dp: int,
     bucket_numel: int = DEFAULT_BUCKET_NUMEL,
     arrival: Sequence[int] | None = None,
+    matrix_layout: str = "balanced",
 ) -> tuple[ShardPlan, list[RankBytes]]:
     """Bytes every data-parallel rank holds under ``zero_stage`` (see the module docstring).
 
     ``arrival``: parameter indices in the order gradients complete (default: the
     reverse of their numbering, the order the plan packs buckets in).
+    ``matrix_layout``: ``ZeroOptimizer(matrix_layout=...)`` for Muon groups.
     """
     choose("zero_stage", zero_stage, STAGES)
     world = 1 if zero_stage == 0 else dp
-    plan, shares = _plan(infos, world, bucket_numel)
-    p_item, r_item, wide = itemsize(precision.param), itemsize(precision.reduce), precision.wide
-    flat = sum(b.flat_numel for b in plan.buckets)
-    region = sum(b.region_numel for b in plan.buckets)
     # ZeroOptimizer keeps the whole flat gradient at stage 1 and on one rank.
     keep_flat = zero_stage <= 1 or world == 1
+    plan, shares = _plan(infos, world, bucket_numel, matrix_layout, not keep_flat)
+    p_item, r_item, wide = itemsize(precision.param), itemsize(precision.reduce), precision.wide
+    flat = sum(s.flat_numel for s in plan.storages)
+    region = sum(s.area_numel for s in plan.storages)
     if arrival is None:
         arrival = sorted((info.index for info in infos), reverse=True)
     window = 0 if keep_flat else reduce_window_numel(plan, arrival)
@@ -357,6 +356,11 @@ def plan_rank_bytes(
                 workspace = muon_workspace(share.matrix_shapes.get(g, ()), hp, wide)
                 # Groups update one after another: the largest group's peak.
                 buffers["muon workspace"] = max(buffers.get("muon workspace", 0), workspace)
+                # matrix_step: the owned straddlers' assembled directions and results
+                # (master dtype, held between the two all-to-alls), plus what this
+                # rank sends in them.
+                exchange = (2 * share.straddler_numel.get(g, 0) + plan.exchange_numel(rank)) * itemsize(wide)
+                buffers["muon exchange"] = max(buffers.get("muon exchange", 0), exchange)
         if getattr(torch, precision.reduce) != wide:
             # ZeroOptimizer._grad_regions casts every used gradient region to the master dtype.
             buffers["step grad cast"] = sum(share.used_numel.values()) * itemsize(wide)

@@ -6,27 +6,53 @@ process group (habit 3 of the design, after torchtitan's split of its Muon
 reshard schedule from its runtime). The runtime allocates what the plan says
 and the planner multiplies the same plan by the rules' state declarations.
 
-Layout. Parameters are packed, in backward order (the reverse of registration
-order, the order in which autograd usually produces gradients), into buckets
-of one param group each. A bucket is a flat buffer of ``world_size *
-region_numel`` elements; rank ``r`` owns the region ``[r * region_numel, (r+1) *
-region_numel)``. This is what ``reduce_scatter_tensor`` and
-``all_gather_into_tensor`` need: equal, contiguous per-rank regions.
+Two levels:
 
-* Elementwise rules: parameters are laid end to end and cut into equal spans
-  wherever the cut falls (ZeRO, Rajbhandari et al. 2020, section 5).
-* Matrix rules (Muon): each matrix is assigned whole to one owner rank, and the
-  owner's matrices are laid out inside its own region, so the same
-  reduce-scatter delivers each owner the full averaged gradient of its
-  matrices, and the same all-gather shares the new weights.
+* A :class:`Storage` is where parameters live: a flat buffer of ``world_size``
+  equal *areas*; rank ``r`` owns area ``r`` (its fp32 master weights, its
+  optimizer state and, at stage 2, its averaged gradients). Every parameter is
+  one contiguous view of a storage.
+* A :class:`Bucket` is one collective: chunk ``k`` of every area of a storage,
+  ``[area 0 chunk k | area 1 chunk k | ...]``. That is what
+  ``reduce_scatter_tensor`` needs (equal contiguous per-rank regions), and the
+  reduce-scatter hands rank ``r`` exactly chunk ``k`` of its own area.
 
-Regions are padded to a multiple of ``align_numel`` elements so each rank's
-region starts on an aligned address; the plan reports every padding element.
+Elementwise rules (SGD ... AdamW): parameters are packed in backward order (the
+reverse of registration order) into storages of about ``bucket_numel``
+elements, laid end to end and cut into equal areas wherever the cut falls
+(ZeRO, Rajbhandari et al. 2020, section 5); each such storage is one bucket.
+
+Matrix rules (Muon) need each matrix whole for Newton-Schulz. A param group's
+matrices form one storage (``docs/design/muon-at-scale.md``):
+
+* ``matrix_layout="balanced"`` (default): the matrices are dealt to ``N``
+  lists in backward order (each to the least-filled list), the lists are laid
+  end to end, and the sequence is cut into ``N`` areas of ``ceil(total / N)``.
+  Every rank holds the same number of elements (padding: alignment only, at
+  any ``N``); the few matrices that cross an area boundary ("straddlers", at
+  most ``N - 1`` boundaries) keep their momentum where each part lives, and
+  one member, chosen to balance Newton-Schulz cost, orthogonalizes the whole
+  matrix after an exchange of the parts (:mod:`shardopt.matrix_step`).
+* ``matrix_layout="whole"``: every matrix inside one area (owners by
+  longest-processing-time on Newton-Schulz cost); no exchange, but areas are
+  as large as the busiest rank's matrices, and the rest is padding.
+
+Because the lists are dealt in backward order, chunk ``k`` of every area holds
+gradients that arrive close together, so buckets still complete during
+backward. At stage 1 (and on one rank) a matrix storage is one bucket: the
+full averaged gradient is kept there and ``p.grad`` must be a view of it.
+
+Areas are padded to a multiple of ``align_numel`` elements; the plan reports
+every padding element, the straddlers, their exchange volume and each rank's
+Newton-Schulz cost.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +62,11 @@ from .rules.newton_schulz import matrix_shape, newton_schulz_flops
 
 DEFAULT_BUCKET_NUMEL = 1 << 23
 DEFAULT_ALIGN_NUMEL = 64
+MATRIX_LAYOUTS = ("balanced", "whole")
+# A matrix storage's chunk (its share of one bucket per rank) is at least this
+# many elements (when bucket_numel is): at hundreds of ranks bucket_numel /
+# world_size would otherwise cut matrices into thousands of tiny collectives.
+MIN_CHUNK_NUMEL = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -59,19 +90,21 @@ class ParamInfo:
 
 @dataclass(frozen=True)
 class Slot:
-    """Parameter ``param`` occupies ``[offset, offset + numel)`` of its bucket."""
+    """Elements ``[param_offset, param_offset + numel)`` of parameter ``param`` sit at
+    ``[offset, offset + numel)`` of a storage or a bucket."""
 
     param: int
     offset: int
     numel: int
+    param_offset: int = 0
 
 
 @dataclass(frozen=True)
 class Piece:
-    """The part of a parameter inside one rank's region.
+    """The part of a parameter inside one rank's area (or a bucket region).
 
     Elements ``[param_offset, param_offset + numel)`` of the flattened parameter
-    sit at ``[region_offset, region_offset + numel)`` of the region.
+    sit at ``[region_offset, region_offset + numel)`` of the area.
     """
 
     param: int
@@ -80,20 +113,149 @@ class Piece:
     numel: int
 
 
+def _pieces_in(slots: Sequence[Slot], starts: Sequence[int], start: int, end: int) -> tuple[Piece, ...]:
+    """Pieces of ``slots`` (sorted by offset, ``starts`` their offsets) inside ``[start, end)``."""
+    found = []
+    position = max(0, bisect.bisect_right(starts, start) - 1)
+    for slot in slots[position:]:
+        if slot.offset >= end:
+            break
+        low, high = max(start, slot.offset), min(end, slot.offset + slot.numel)
+        if low < high:
+            found.append(Piece(slot.param, slot.param_offset + low - slot.offset, low - start, high - low))
+    return tuple(found)
+
+
 @dataclass(frozen=True)
-class Bucket:
+class Storage:
+    """``world_size`` equal areas of ``area_numel`` elements holding whole parameters.
+
+    ``slots`` are sorted by offset. ``ns_owners[i]`` (matrix storages) is the rank
+    that orthogonalizes ``slots[i]``'s matrix.
+    """
+
     index: int
     group: int
     granularity: Granularity
     dtype: str
     slots: tuple[Slot, ...]
-    region_numel: int
+    area_numel: int
     world_size: int
-    owners: tuple[int, ...] = ()  # matrix rules: owner rank of each slot
+    num_chunks: int = 1
+    ns_owners: tuple[int, ...] = ()
+
+    @property
+    def flat_numel(self) -> int:
+        return self.area_numel * self.world_size
+
+    @property
+    def chunk_numel(self) -> int:
+        return self.area_numel // self.num_chunks
+
+    @property
+    def used_numel(self) -> int:
+        return sum(slot.numel for slot in self.slots)
+
+    @property
+    def padding_numel(self) -> int:
+        return self.flat_numel - self.used_numel
+
+    @functools.cached_property
+    def _starts(self) -> tuple[int, ...]:
+        return tuple(slot.offset for slot in self.slots)
+
+    def area_bounds(self, rank: int) -> tuple[int, int]:
+        return rank * self.area_numel, (rank + 1) * self.area_numel
+
+    def pieces(self, rank: int) -> tuple[Piece, ...]:
+        """Parameter pieces inside ``rank``'s area, in area order."""
+        return _pieces_in(self.slots, self._starts, *self.area_bounds(rank))
+
+    def used_area_numel(self, rank: int) -> int:
+        """Elements of ``rank``'s area from its first element to its last used one."""
+        pieces = self.pieces(rank)
+        return pieces[-1].region_offset + pieces[-1].numel if pieces else 0
+
+    def members(self, position: int) -> tuple[int, ...]:
+        """Ranks whose areas hold part of ``slots[position]``."""
+        slot = self.slots[position]
+        if slot.numel == 0:
+            return (min(slot.offset // max(1, self.area_numel), self.world_size - 1),)
+        first = slot.offset // self.area_numel
+        last = (slot.offset + slot.numel - 1) // self.area_numel
+        return tuple(range(first, last + 1))
+
+    def chunk_slots(self, chunks: Sequence[int]) -> tuple[Slot, ...]:
+        """Slots of the bucket made of chunk ``chunks[r]`` of each area ``r``."""
+        size = self.chunk_numel
+        out = []
+        for rank, chunk in enumerate(chunks):
+            start = rank * self.area_numel + chunk * size
+            for piece in _pieces_in(self.slots, self._starts, start, start + size):
+                out.append(Slot(piece.param, rank * size + piece.region_offset, piece.numel, piece.param_offset))
+        return tuple(out)
+
+    def chunk_last_params(self, rank: int) -> list[float]:
+        """For each chunk of ``rank``'s area, the lowest parameter index in it
+        (the one whose gradient arrives last in backward); ``inf`` if empty."""
+        size = self.chunk_numel
+        lowest = [math.inf] * self.num_chunks
+        for piece in self.pieces(rank):
+            first = piece.region_offset // size
+            last = (piece.region_offset + piece.numel - 1) // size
+            for chunk in range(first, last + 1):
+                lowest[chunk] = min(lowest[chunk], piece.param)
+        return lowest
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One collective over ``storage``: chunk ``chunks[r]`` of each area ``r``.
+
+    Its flat buffer is ``world_size * region_numel`` elements; rank ``r``'s region
+    ``[r * region_numel, (r+1) * region_numel)`` is chunk ``chunks[r]`` of area
+    ``r``. Each rank may contribute a different chunk: the plan pairs chunks
+    that backward completes at about the same time, so the bucket's collective
+    can start while backward still runs.
+    """
+
+    index: int
+    storage: Storage = field(repr=False, compare=False)
+    chunks: tuple[int, ...] = ()
+
+    @property
+    def group(self) -> int:
+        return self.storage.group
+
+    @property
+    def granularity(self) -> Granularity:
+        return self.storage.granularity
+
+    @property
+    def dtype(self) -> str:
+        return self.storage.dtype
+
+    @property
+    def world_size(self) -> int:
+        return self.storage.world_size
+
+    @property
+    def region_numel(self) -> int:
+        return self.storage.chunk_numel
 
     @property
     def flat_numel(self) -> int:
         return self.region_numel * self.world_size
+
+    def area_offset(self, rank: int) -> int:
+        """Where ``rank``'s region of this bucket starts inside its storage area."""
+        return self.chunks[rank] * self.region_numel
+
+    @functools.cached_property
+    def slots(self) -> tuple[Slot, ...]:
+        if self.storage.num_chunks == 1:
+            return self.storage.slots
+        return self.storage.chunk_slots(self.chunks)
 
     @property
     def used_numel(self) -> int:
@@ -108,148 +270,402 @@ class Bucket:
 
     def pieces(self, rank: int) -> tuple[Piece, ...]:
         """Parameter pieces inside ``rank``'s region, in region order."""
-        start, end = self.region_bounds(rank)
-        found = []
-        for slot in self.slots:
-            low, high = max(start, slot.offset), min(end, slot.offset + slot.numel)
-            if low < high:
-                found.append(Piece(slot.param, low - slot.offset, low - start, high - low))
-        return tuple(found)
+        return _pieces_in(self.slots, [s.offset for s in self.slots], *self.region_bounds(rank))
 
-    def used_region_numel(self, rank: int) -> int:
-        """Elements of ``rank``'s region from its first element to its last used one."""
-        pieces = self.pieces(rank)
-        return pieces[-1].region_offset + pieces[-1].numel if pieces else 0
+
+@dataclass(frozen=True)
+class Straddler:
+    """A matrix whose elements lie in the areas of several ranks (``members``)."""
+
+    param: int
+    storage: int
+    members: tuple[int, ...]
+    owner: int
+    parts: tuple[int, ...]  # elements in each member's area
 
 
 @dataclass(frozen=True)
 class ShardPlan:
     world_size: int
     params: tuple[ParamInfo, ...]
+    storages: tuple[Storage, ...]
     buckets: tuple[Bucket, ...]
     bucket_numel: int
     align_numel: int
+    matrix_layout: str = "balanced"
     notes: tuple[str, ...] = field(default=())
 
     @property
     def used_numel(self) -> int:
-        return sum(bucket.used_numel for bucket in self.buckets)
+        return sum(storage.used_numel for storage in self.storages)
 
     @property
     def padding_numel(self) -> int:
-        return sum(bucket.padding_numel for bucket in self.buckets)
+        return sum(storage.padding_numel for storage in self.storages)
 
     @property
     def flat_numel(self) -> int:
-        return sum(bucket.flat_numel for bucket in self.buckets)
+        return sum(storage.flat_numel for storage in self.storages)
 
     def param(self, index: int) -> ParamInfo:
-        return self._by_index()[index]
+        return self._by_index[index]
 
+    @functools.cached_property
     def _by_index(self) -> dict[int, ParamInfo]:
         return {info.index: info for info in self.params}
 
     def fingerprint(self) -> str:
         """A digest of everything that must agree across ranks and checkpoints."""
-        text = repr((self.world_size, self.params, self.buckets))
+        buckets = tuple((b.index, b.storage.index, b.chunks) for b in self.buckets)
+        text = repr((self.world_size, self.params, self.storages, buckets))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @functools.cached_property
+    def straddlers(self) -> tuple[Straddler, ...]:
+        found = []
+        for storage in self.storages:
+            if storage.granularity is not Granularity.MATRIX:
+                continue
+            for position, slot in enumerate(storage.slots):
+                members = storage.members(position)
+                if len(members) > 1:
+                    parts = tuple(
+                        min(slot.offset + slot.numel, (r + 1) * storage.area_numel)
+                        - max(slot.offset, r * storage.area_numel)
+                        for r in members
+                    )
+                    found.append(Straddler(slot.param, storage.index, members, storage.ns_owners[position], parts))
+        return tuple(found)
+
+    def exchange_numel(self, rank: int) -> int:
+        """Elements ``rank`` sends per step to orthogonalize straddling matrices.
+
+        A member that does not orthogonalize sends its part of the update to the
+        owner; the owner sends every other member its part of the result.
+        """
+        total = 0
+        for straddler in self.straddlers:
+            for member, part in zip(straddler.members, straddler.parts):
+                if member == rank and rank != straddler.owner:
+                    total += part
+            if straddler.owner == rank:
+                total += sum(p for m, p in zip(straddler.members, straddler.parts) if m != rank)
+        return total
+
+    def param_buckets(self) -> dict[int, list[tuple[int, int]]]:
+        """For each parameter, ``(bucket index, number of its slots in that bucket)``.
+
+        Computed from the areas, without building every bucket's slot list (at
+        hundreds of ranks a matrix storage has millions of bucket slots).
+        """
+        out: dict[int, dict[int, int]] = {}
+        by_storage: dict[int, list[Bucket]] = {}
+        for bucket in self.buckets:
+            by_storage.setdefault(bucket.storage.index, []).append(bucket)
+        for storage in self.storages:
+            buckets = by_storage[storage.index]
+            if storage.num_chunks == 1:
+                for slot in storage.slots:
+                    out.setdefault(slot.param, {})[buckets[0].index] = 1
+                continue
+            size = storage.chunk_numel
+            for rank in range(self.world_size):
+                bucket_of = [0] * storage.num_chunks
+                for bucket in buckets:
+                    bucket_of[bucket.chunks[rank]] = bucket.index
+                for piece in storage.pieces(rank):
+                    counts = out.setdefault(piece.param, {})
+                    first = piece.region_offset // size
+                    last = (piece.region_offset + piece.numel - 1) // size
+                    for chunk in range(first, last + 1):
+                        counts[bucket_of[chunk]] = counts.get(bucket_of[chunk], 0) + 1
+        return {param: sorted(counts.items()) for param, counts in out.items()}
+
+    def ns_matrices(self, rank: int) -> tuple[ParamInfo, ...]:
+        """The matrices ``rank`` orthogonalizes, in storage order."""
+        return tuple(
+            self._by_index[slot.param]
+            for storage in self.storages if storage.granularity is Granularity.MATRIX
+            for slot, owner in zip(storage.slots, storage.ns_owners) if owner == rank
+        )
 
     def newton_schulz_cost(self, rank: int, ns_steps: int = 5) -> int:
         """Multiply-adds of Newton-Schulz that ``rank`` runs per step under this plan."""
-        by_index = self._by_index()
-        total = 0
-        for bucket in self.buckets:
-            if bucket.granularity is not Granularity.MATRIX:
-                continue
-            for slot, owner in zip(bucket.slots, bucket.owners):
-                if owner == rank:
-                    shape = by_index[slot.param].shape
-                    count = shape[0] if len(shape) == 3 else 1
-                    total += count * newton_schulz_flops(*matrix_shape(shape), ns_steps)
-        return total
+        return sum(_ns_cost(info) for info in self.ns_matrices(rank)) * ns_steps
+
+    def matrix_balance(self) -> dict[str, float]:
+        """Balance of the matrix storages over ranks: state, Newton-Schulz cost, exchange.
+
+        ``state_max_over_mean``: busiest rank's used area over the mean used
+        area; ``ns_max_over_mean``: the same for Newton-Schulz cost, with
+        ``ns_lower_bound`` the largest single matrix's cost over the mean (no
+        plan that orthogonalizes each matrix once on one rank can beat it);
+        ``padding_fraction``: padding over used elements; ``exchange_max_numel``.
+        """
+        matrix = [s for s in self.storages if s.granularity is Granularity.MATRIX]
+        if not matrix:
+            return {}
+        ranks = range(self.world_size)
+        used = [sum(s.used_area_numel(r) for s in matrix) for r in ranks]
+        cost = [self.newton_schulz_cost(r, 1) for r in ranks]
+        largest = max(_ns_cost(self._by_index[slot.param]) for s in matrix for slot in s.slots)
+        mean_used, mean_cost = sum(used) / len(used), sum(cost) / len(cost)
+        total = sum(s.used_numel for s in matrix)
+        return {
+            "state_max_over_mean": max(used) / mean_used if mean_used else 1.0,
+            "ns_max_over_mean": max(cost) / mean_cost if mean_cost else 1.0,
+            "ns_lower_bound": max(1.0, largest / mean_cost) if mean_cost else 1.0,
+            "padding_fraction": sum(s.padding_numel for s in matrix) / total if total else 0.0,
+            "num_straddlers": float(len(self.straddlers)),
+            "exchange_max_numel": float(max(self.exchange_numel(r) for r in ranks)),
+        }
 
     def describe(self) -> str:
         lines = [
             f"ShardPlan: world_size={self.world_size}, {len(self.params)} parameters, "
-            f"{len(self.buckets)} buckets, {self.used_numel:,} elements + "
+            f"{len(self.storages)} storages, {len(self.buckets)} buckets, {self.used_numel:,} elements + "
             f"{self.padding_numel:,} padding ({100 * self.padding_numel / max(1, self.flat_numel):.2f}%)"
         ]
-        for bucket in self.buckets:
+        for storage in self.storages:
             lines.append(
-                f"  bucket {bucket.index}: group {bucket.group}, {bucket.granularity.value}, "
-                f"{len(bucket.slots)} params, region {bucket.region_numel:,} x {bucket.world_size}, "
-                f"padding {bucket.padding_numel:,}"
+                f"  storage {storage.index}: group {storage.group}, {storage.granularity.value}, "
+                f"{len(storage.slots)} params, area {storage.area_numel:,} x {storage.world_size} "
+                f"in {storage.num_chunks} chunk(s), padding {storage.padding_numel:,}"
+            )
+        balance = self.matrix_balance()
+        if balance:
+            lines.append(
+                f"  matrices ({self.matrix_layout}): state max/mean {balance['state_max_over_mean']:.3f}, "
+                f"Newton-Schulz max/mean {balance['ns_max_over_mean']:.3f} (bound "
+                f"{balance['ns_lower_bound']:.3f}), {int(balance['num_straddlers'])} straddlers, "
+                f"exchange <= {int(balance['exchange_max_numel']):,} elements/rank/step"
             )
         return "\n".join(lines + [f"  note: {note}" for note in self.notes])
 
     def validate(self) -> None:
         """Check the plan's invariants; raises AssertionError on a broken plan."""
         seen: set[int] = set()
-        by_index = self._by_index()
-        for bucket in self.buckets:
-            assert bucket.region_numel % self.align_numel == 0 or bucket.region_numel == 0
+        by_index = self._by_index
+        for storage in self.storages:
+            assert storage.area_numel % self.align_numel == 0 or storage.area_numel == 0
+            assert storage.area_numel % storage.num_chunks == 0
             end = 0
-            for slot in sorted(bucket.slots, key=lambda s: s.offset):
-                assert slot.offset >= end, f"bucket {bucket.index}: overlapping slots"
+            for slot in storage.slots:
+                assert slot.offset >= end, f"storage {storage.index}: overlapping or unsorted slots"
                 assert slot.param not in seen, f"parameter {slot.param} placed twice"
-                assert slot.numel == by_index[slot.param].numel
+                assert slot.numel == by_index[slot.param].numel and slot.param_offset == 0
                 seen.add(slot.param)
                 end = slot.offset + slot.numel
-            assert end <= bucket.flat_numel
-            if bucket.granularity is Granularity.MATRIX:
-                for slot, owner in zip(bucket.slots, bucket.owners):
-                    start, stop = bucket.region_bounds(owner)
-                    assert start <= slot.offset and slot.offset + slot.numel <= stop
+            assert end <= storage.flat_numel
+            if storage.granularity is Granularity.MATRIX:
+                assert len(storage.ns_owners) == len(storage.slots)
+                for position, owner in enumerate(storage.ns_owners):
+                    assert owner in storage.members(position)
+                if self.matrix_layout == "whole":
+                    assert all(len(storage.members(p)) == 1 for p in range(len(storage.slots)))
         assert seen == set(by_index), "some parameters are in no bucket"
+        for storage in self.storages:
+            mine = [b.chunks for b in self.buckets if b.storage.index == storage.index]
+            for rank in range(self.world_size):
+                assert sorted(chunks[rank] for chunks in mine) == list(range(storage.num_chunks))
 
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _elementwise_bucket(
-    index: int, group: int, dtype: str, members: Sequence[ParamInfo], world_size: int,
-    align_numel: int,
-) -> Bucket:
+def _ns_cost(info: ParamInfo) -> int:
+    count = info.shape[0] if len(info.shape) == 3 else 1
+    return count * newton_schulz_flops(*matrix_shape(info.shape), 1)
+
+
+def _elementwise_storage(
+    index: int, group: int, dtype: str, members: Sequence[ParamInfo], world_size: int, align_numel: int
+) -> Storage:
     slots, offset = [], 0
     for info in members:
         slots.append(Slot(info.index, offset, info.numel))
         offset += info.numel
-    region = _round_up(-(-offset // world_size), align_numel)
-    return Bucket(index, group, Granularity.ELEMENTWISE, dtype, tuple(slots), region, world_size)
+    area = _round_up(-(-offset // world_size), align_numel)
+    return Storage(index, group, Granularity.ELEMENTWISE, dtype, tuple(slots), area, world_size)
 
 
-def _matrix_bucket(
+def _chunking(area: int, world_size: int, bucket_numel: int, align_numel: int, chunked: bool) -> tuple[int, int]:
+    """``(num_chunks, area_numel)`` for a matrix storage whose areas need ``area`` elements."""
+    if not chunked or area == 0:
+        return 1, _round_up(area, align_numel)
+    chunk = max(1, bucket_numel // world_size)
+    if bucket_numel >= MIN_CHUNK_NUMEL:
+        chunk = max(chunk, MIN_CHUNK_NUMEL)
+    num_chunks = max(1, -(-area // chunk))
+    chunk = _round_up(-(-area // num_chunks), align_numel)
+    return num_chunks, chunk * num_chunks
+
+
+def _balanced_matrix_storage(
     index: int, group: int, dtype: str, members: Sequence[ParamInfo], world_size: int,
-    align_numel: int, loads: list[int],
-) -> Bucket:
-    # Longest-processing-time-first (Graham 1969): the costliest matrix goes to
-    # the rank with the least Newton-Schulz work so far, across all buckets (a
-    # bucket with one large matrix would otherwise always land on rank 0);
+    align_numel: int, bucket_numel: int, chunked: bool,
+) -> Storage:
+    # Deal the matrices, in backward order, each to the least-filled list: every
+    # list then fills at the same pace, so position j of every area holds
+    # gradients that arrive at about the same time (chunk k completes early).
+    # Deal the matrices to N lists by Newton-Schulz cost, costliest first, each to
+    # the list with the least cost so far (LPT, Graham 1969): cost balances as in
+    # the whole layout; the cut below then evens the elements, moving only the
+    # small matrices kept at the lists' ends between neighbours.
+    lists: list[list[ParamInfo]] = [[] for _ in range(world_size)]
+    fill, load = [0] * world_size, [0] * world_size
+    for info in sorted(members, key=lambda i: (-_ns_cost(i), -i.numel, i.index)):
+        rank = min(range(world_size), key=lambda r: (load[r], fill[r], r))
+        lists[rank].append(info)
+        fill[rank] += info.numel
+        load[rank] += _ns_cost(info)
+    total = sum(fill)
+    target = total / world_size
+    # Order the lists so the running surplus stays near zero: the areas cut from
+    # the sequence then start close to where their lists do.
+    order, surplus, left = [], 0.0, list(range(world_size))
+    while left:
+        best = min(left, key=lambda r: (abs(surplus + fill[r] - target), r))
+        order.append(best)
+        left.remove(best)
+        surplus += fill[best] - target
+    num_chunks, area = _chunking(-(-total // world_size), world_size, bucket_numel, align_numel, chunked)
+    sequence = _cheap_boundaries([info for rank in order for info in _small_ends(lists[rank])], area, world_size)
+    slots, offset = [], 0
+    for info in sequence:
+        slots.append(Slot(info.index, offset, info.numel))
+        offset += info.numel
+    storage = Storage(index, group, Granularity.MATRIX, dtype, tuple(slots), area, world_size, num_chunks)
+    owners = _straddler_owners(storage, {info.index: _ns_cost(info) for info in members})
+    return Storage(index, group, Granularity.MATRIX, dtype, tuple(slots), area, world_size, num_chunks,
+                   tuple(owners))
+
+
+def _cheap_boundaries(sequence: list[ParamInfo], area: int, world_size: int) -> list[ParamInfo]:
+    """Reorder ``sequence`` locally so the cheapest nearby matrix crosses each area boundary.
+
+    A straddler's Newton-Schulz cost lands on one member, which then does the
+    work of the parts lying in the other members' areas: that moved cost
+    unbalances it. For each boundary, any matrix lying wholly between the
+    neighbouring boundaries may move into the crossing position (moves stay
+    inside that span, so no other boundary changes); the crossing that moves
+    the least cost (cost times the share outside its largest part) wins, the
+    original order on ties. Arrival order changes by a few matrices at most.
+    """
+    sequence = list(sequence)
+    window = 4
+    for boundary in range(1, world_size):
+        cut = boundary * area
+        offsets = list(itertools.accumulate((info.numel for info in sequence), initial=0))
+        crossing = next((i for i in range(len(sequence)) if offsets[i] < cut < offsets[i + 1]), None)
+        if crossing is None:
+            continue
+        low_cut, high_cut = cut - area, cut + area
+        best, best_cost = sequence, _moved_cost(sequence[crossing], cut - offsets[crossing])
+        for j in range(max(0, crossing - window), min(len(sequence), crossing + window + 1)):
+            if j == crossing or offsets[j] < low_cut or offsets[j + 1] > high_cut:
+                continue
+            trial = list(sequence)
+            trial.insert(crossing, trial.pop(j))
+            position = offsets[min(j, crossing)]
+            for info in trial[min(j, crossing):]:
+                if position < cut < position + info.numel:
+                    moved = _moved_cost(info, cut - position)
+                    if moved < best_cost:
+                        best, best_cost = trial, moved
+                    break
+                position += info.numel
+                if position > cut:
+                    break
+        sequence = best
+    return sequence
+
+
+def _small_ends(members: list[ParamInfo]) -> list[ParamInfo]:
+    """``members`` with the smallest at both ends and the largest in the middle.
+
+    Area boundaries fall near the ends of the dealt lists, and what crosses one
+    moves between ranks: small matrices there keep straddlers and drift cheap.
+    """
+    ordered = sorted(members, key=lambda info: (info.numel, _ns_cost(info), info.index))
+    return ordered[0::2] + ordered[1::2][::-1]
+
+
+def _moved_cost(info: ParamInfo, before_cut: int) -> float:
+    """Newton-Schulz cost of ``info`` outside its larger part when cut ``before_cut`` elements in."""
+    return _ns_cost(info) * min(before_cut, info.numel - before_cut) / info.numel
+
+
+def _straddler_owners(storage: Storage, cost: dict[int, int]) -> list[int]:
+    """Newton-Schulz owner of every matrix of a balanced storage.
+
+    A matrix inside one area is that rank's. The straddlers link consecutive
+    ranks into a chain, and the owners minimise the busiest rank's cost on it:
+    a binary search on that cost, each probe placing every straddler, in chain
+    order, on its first member (left to right) with room for it; on a chain of
+    two-member straddlers this first-fit is exact (giving the left rank what
+    fits leaves the right one the most room).
+    """
+    base = [0] * storage.world_size
+    owners, straddling = [], []
+    for position, slot in enumerate(storage.slots):
+        ranks = storage.members(position)
+        owners.append(ranks[0])
+        if len(ranks) == 1:
+            base[ranks[0]] += cost[slot.param]
+        else:
+            straddling.append((position, ranks, cost[slot.param]))
+    if not straddling:
+        return owners
+
+    def place(limit: int) -> list[int] | None:
+        load, chosen = list(base), []
+        for _, ranks, work in straddling:
+            fits = [r for r in ranks if load[r] + work <= limit]
+            if not fits:
+                return None
+            load[fits[0]] += work
+            chosen.append(fits[0])
+        return chosen
+
+    low = max(max(base), max(work for _, _, work in straddling))
+    high = max(base) + sum(work for _, _, work in straddling)
+    while low < high:
+        middle = (low + high) // 2
+        if place(middle) is None:
+            low = middle + 1
+        else:
+            high = middle
+    for (position, _, _), rank in zip(straddling, place(low) or []):
+        owners[position] = rank
+    return owners
+
+
+def _whole_matrix_storage(
+    index: int, group: int, dtype: str, members: Sequence[ParamInfo], world_size: int,
+    align_numel: int, bucket_numel: int, chunked: bool,
+) -> Storage:
+    # Longest-processing-time-first (Graham 1969) on Newton-Schulz cost;
     # deterministic, since ties break on the rank number.
+    load, fill = [0] * world_size, [0] * world_size
     owner_of: dict[int, int] = {}
     for info in sorted(members, key=lambda i: (-_ns_cost(i), i.index)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        rank = min(range(world_size), key=lambda r: (load[r], fill[r], r))
         owner_of[info.index] = rank
-        loads[rank] += _ns_cost(info)
-    per_rank = [0] * world_size
-    for info in members:
-        per_rank[owner_of[info.index]] += info.numel
-    region = _round_up(max(per_rank), align_numel)
-    cursor = [rank * region for rank in range(world_size)]
-    slots, owners = [], []
+        load[rank] += _ns_cost(info)
+        fill[rank] += info.numel
+    num_chunks, area = _chunking(max(fill), world_size, bucket_numel, align_numel, chunked)
+    cursor = [rank * area for rank in range(world_size)]
+    placed = []
     for info in members:
         rank = owner_of[info.index]
-        slots.append(Slot(info.index, cursor[rank], info.numel))
-        owners.append(rank)
+        placed.append((cursor[rank], info, rank))
         cursor[rank] += info.numel
-    return Bucket(index, group, Granularity.MATRIX, dtype, tuple(slots), region, world_size,
-                  tuple(owners))
-
-
-def _ns_cost(info: ParamInfo) -> int:
-    count = info.shape[0] if len(info.shape) == 3 else 1
-    return count * newton_schulz_flops(*matrix_shape(info.shape), 1)
+    placed.sort(key=lambda item: item[0])
+    slots = tuple(Slot(info.index, offset, info.numel) for offset, info, _ in placed)
+    owners = tuple(rank for _, _, rank in placed)
+    return Storage(index, group, Granularity.MATRIX, dtype, slots, area, world_size, num_chunks, owners)
 
 
 def plan_shards(
@@ -258,11 +674,15 @@ def plan_shards(
     *,
     bucket_numel: int = DEFAULT_BUCKET_NUMEL,
     align_numel: int = DEFAULT_ALIGN_NUMEL,
+    matrix_layout: str = "balanced",
+    chunk_matrices: bool = True,
 ) -> ShardPlan:
-    """Pack ``params`` into buckets and cut each into ``world_size`` equal regions.
+    """Place ``params`` in storages and cut them into ``world_size`` equal areas.
 
-    Buckets never mix param groups, dtypes or granularities, and hold at most
-    ``bucket_numel`` elements unless one parameter alone is larger. They are
+    Storages never mix param groups, dtypes or granularities. Elementwise
+    storages hold at most ``bucket_numel`` elements unless one parameter alone is
+    larger; a matrix group is one storage, split into buckets of about
+    ``bucket_numel`` elements when ``chunk_matrices`` (stage 2). Buckets are
     ordered by when backward completes them: the bucket whose earliest-registered
     parameter comes last is complete first.
     """
@@ -272,25 +692,55 @@ def plan_shards(
         raise ValueError(f"Invalid bucket_numel: {bucket_numel} (expected an int >= 1)")
     if align_numel < 1:
         raise ValueError(f"Invalid align_numel: {align_numel} (expected an int >= 1)")
-    open_buckets: dict[tuple[int, str, Granularity], list[ParamInfo]] = {}
+    if matrix_layout not in MATRIX_LAYOUTS:
+        raise ValueError(f"Invalid matrix_layout: {matrix_layout!r} (expected one of {MATRIX_LAYOUTS})")
+    open_units: dict[tuple[int, str, Granularity], list[ParamInfo]] = {}
     closed: list[tuple[tuple[int, str, Granularity], list[ParamInfo]]] = []
     for info in sorted(params, key=lambda i: -i.index):
         key = (info.group, info.dtype, info.granularity)
-        members = open_buckets.setdefault(key, [])
-        if members and sum(m.numel for m in members) + info.numel > bucket_numel:
+        members = open_units.setdefault(key, [])
+        if (
+            members
+            and info.granularity is Granularity.ELEMENTWISE
+            and sum(m.numel for m in members) + info.numel > bucket_numel
+        ):
             closed.append((key, members))
-            members = open_buckets[key] = []
+            members = open_units[key] = []
         members.append(info)
-    closed.extend((key, members) for key, members in open_buckets.items() if members)
-    # Complete first = smallest minimum index last; sort by it, descending.
+    closed.extend((key, members) for key, members in open_units.items() if members)
     closed.sort(key=lambda item: -min(m.index for m in item[1]))
-    buckets = []
-    ns_loads = [0] * world_size
+    storages = []
     for index, ((group, dtype, granularity), members) in enumerate(closed):
         if granularity is Granularity.MATRIX:
-            buckets.append(_matrix_bucket(index, group, dtype, members, world_size, align_numel, ns_loads))
+            build = _balanced_matrix_storage if matrix_layout == "balanced" else _whole_matrix_storage
+            storages.append(build(index, group, dtype, members, world_size, align_numel, bucket_numel,
+                                  chunk_matrices))
         else:
-            buckets.append(_elementwise_bucket(index, group, dtype, members, world_size, align_numel))
-    plan = ShardPlan(world_size, tuple(params), tuple(buckets), bucket_numel, align_numel)
+            storages.append(_elementwise_storage(index, group, dtype, members, world_size, align_numel))
+    buckets = _order_buckets(storages)
+    plan = ShardPlan(world_size, tuple(params), tuple(storages), buckets, bucket_numel, align_numel, matrix_layout)
     plan.validate()
     return plan
+
+
+def _order_buckets(storages: Sequence[Storage]) -> tuple[Bucket, ...]:
+    """Buckets in the order backward completes them (the last-arriving parameter decides).
+
+    A storage of several chunks pairs, for bucket ``b``, the ``b``-th chunk of
+    each area to complete (ties by position): chunks that complete together
+    are reduced together, whatever their places in the areas.
+    """
+    keyed = []
+    for storage in storages:
+        if storage.num_chunks == 1:
+            last = min((slot.param for slot in storage.slots), default=0)
+            keyed.append((-last, storage.index, 0, storage, (0,) * storage.world_size))
+            continue
+        lowests = [storage.chunk_last_params(rank) for rank in range(storage.world_size)]
+        orders = [sorted(range(storage.num_chunks), key=lambda k, low=low: (-low[k], k)) for low in lowests]
+        for position in range(storage.num_chunks):
+            chunks = tuple(order[position] for order in orders)
+            last = min(low[k] for low, k in zip(lowests, chunks))
+            keyed.append((-last if last != math.inf else -math.inf, storage.index, position, storage, chunks))
+    keyed.sort(key=lambda item: item[:3])
+    return tuple(Bucket(position, storage, chunks) for position, (_, _, _, storage, chunks) in enumerate(keyed))

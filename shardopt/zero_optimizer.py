@@ -36,13 +36,14 @@ import torch
 from torch import Tensor
 
 from . import checkpoint
-from .buffers import BucketBuffers, storage_bytes
+from .buffers import BucketBuffers, StorageBuffers, storage_bytes
 from .comm import Communicator, default_group, digest_tensor
 from .hooks import GradientReducer
+from .matrix_step import matrix_step
 from .optimizer_base import ParamsT, RuleOptimizer
 from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
-from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, plan_shards
-from .rules.base import Granularity, apply_update
+from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, Storage, plan_shards
+from .rules.base import MatrixRule, apply_update
 
 # Warn when padding exceeds this share of a plan of at least this many elements
 # (tiny test models pad proportionally more and do not matter).
@@ -83,6 +84,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         process_group: defaults to the world group; without an initialised
             process group the optimizer runs on one rank.
         bucket_numel: elements per communication bucket.
+        matrix_layout: where matrix rules (Muon) keep their matrices:
+            ``"balanced"`` (default) gives every rank the same number of
+            elements and exchanges the few matrices cut by an area boundary
+            for Newton-Schulz (:meth:`ShardPlan.exchange_numel` elements per
+            step); ``"whole"`` keeps every matrix on one rank (no exchange),
+            padding every area to the busiest rank's.
         precision: a :class:`PrecisionPolicy`.
         max_grad_norm: clip gradients by their global norm over all shards.
         overlap: start each bucket's reduction during backward.
@@ -101,6 +108,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         stage: int = 2,
         process_group: Any | None = None,
         bucket_numel: int = DEFAULT_BUCKET_NUMEL,
+        matrix_layout: str = "balanced",
         precision: PrecisionPolicy | None = None,
         max_grad_norm: float | None = None,
         overlap: bool = True,
@@ -138,13 +146,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
             )
             for index, p in self.params.items()
         ]
+        # Kept (stage 1, one rank) gradients are p.grad views of one storage-sized
+        # buffer, so matrix storages are then one bucket each.
+        self.keep_grad_flat = stage == 1 or not self.comm.active
         self.plan: ShardPlan = plan_shards(
-            infos, self.comm.world_size, bucket_numel=bucket_numel, align_numel=DEFAULT_ALIGN_NUMEL
+            infos, self.comm.world_size, bucket_numel=bucket_numel, align_numel=DEFAULT_ALIGN_NUMEL,
+            matrix_layout=matrix_layout, chunk_matrices=not self.keep_grad_flat,
         )
         warn_if_padded(self.plan)
         _reject_ddp(self.params.values(), self.inner.param_label)
         self._verify_same_params(infos)
-        self.buffers = [self._make_buffers(bucket) for bucket in self.plan.buckets]
+        self.storages = [self._make_storage(storage) for storage in self.plan.storages]
+        self.buffers = [BucketBuffers(bucket, self.storages[bucket.storage.index]) for bucket in self.plan.buckets]
         self.reducer = GradientReducer(
             self.plan, self.buffers, self.params, self.comm, stage=stage, overlap=overlap,
             label=self.inner.param_label, on_reduced=self._expose_grads,
@@ -170,7 +183,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if not self.comm.active:
             return
         settings = {"stage": self.stage, "reduce_dtype": str(self.precision.reduce_dtype),
-                    "bucket_numel": self.plan.bucket_numel, "max_grad_norm": self.max_grad_norm is not None}
+                    "bucket_numel": self.plan.bucket_numel, "max_grad_norm": self.max_grad_norm is not None,
+                    "matrix_layout": self.plan.matrix_layout}
         mine = digest_tensor(repr((self.plan.fingerprint(), sorted(settings.items()))), self.device)
         gathered = torch.empty(self.comm.world_size * mine.numel(), dtype=mine.dtype, device=self.device)
         self.comm.all_gather_into(gathered, mine)
@@ -192,30 +206,30 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"Invalid {key}: ranks disagree ({listed})")
         raise ValueError("Invalid params: ranks disagree on parameter groups or granularity")
 
-    def _make_buffers(self, bucket: Any) -> BucketBuffers:
-        first = self.params[bucket.slots[0].param]
-        param_flat = torch.zeros(bucket.flat_numel, dtype=first.dtype, device=self.device)
-        for slot in bucket.slots:
+    def _make_storage(self, storage: Storage) -> StorageBuffers:
+        first = self.params[storage.slots[0].param]
+        param_flat = torch.zeros(storage.flat_numel, dtype=first.dtype, device=self.device)
+        for slot in storage.slots:
             param_flat[slot.offset : slot.offset + slot.numel].copy_(self.params[slot.param].detach().reshape(-1))
         self.comm.broadcast(param_flat, src=0)
-        for slot in bucket.slots:
+        for slot in storage.slots:
             param = self.params[slot.param]
             param.data = param_flat[slot.offset : slot.offset + slot.numel].view(param.shape)
-        start, end = bucket.region_bounds(self.comm.rank)
-        region = param_flat[start:end]
+        start, end = storage.area_bounds(self.comm.rank)
+        area = param_flat[start:end]
         wide = torch.promote_types(first.dtype, self.precision.master_dtype)
-        master = region if wide == first.dtype else region.to(wide)
+        master = area if wide == first.dtype else area.to(wide)
         reduce_dtype = self.precision.reduce_dtype or first.dtype
-        return BucketBuffers(bucket, self.comm.rank, param_flat, master, reduce_dtype,
-                             keep_grad_flat=self.stage == 1 or not self.comm.active)
+        return StorageBuffers(storage, self.comm.rank, param_flat, master, reduce_dtype,
+                              keep_grad_flat=self.keep_grad_flat)
 
     def _expose_grads(self) -> None:
-        if not (self.stage == 1 or not self.comm.active):
+        if not self.keep_grad_flat:
             return
-        for buffers in self.buffers:
-            for slot in buffers.bucket.slots:
+        for buffers in self.storages:
+            for slot in buffers.storage.slots:
                 param = self.params[slot.param]
-                grad = buffers.grad_flat[slot.offset : slot.offset + slot.numel].view(param.shape)
+                grad = buffers.ensure_grad_flat()[slot.offset : slot.offset + slot.numel].view(param.shape)
                 param.grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)
 
     # ------------------------------------------------------------------- step
@@ -259,73 +273,67 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if coef < 1.0:
                 torch._foreach_mul_([g for g in grads if g.numel()], coef)
         self._apply_rules(grads)
+        for storage in self.storages:
+            if storage.master_separate():
+                used = storage.used_numel
+                storage.param_area()[:used].copy_(storage.master[:used])
         works = []
         for buffers in self.buffers:
-            if buffers.master_separate():
-                used = buffers.used_numel
-                buffers.param_region()[:used].copy_(buffers.master[:used])
-            works.append(self.comm.all_gather_inplace(buffers.param_flat, async_op=True))
+            if buffers.bucket.storage.num_chunks == 1:
+                works.append(self.comm.all_gather_inplace(buffers.owner.param_flat, async_op=True))
+            else:
+                chunks = buffers.param_chunks()
+                works.append(self.comm.all_gather_chunks(chunks, chunks[self.comm.rank], async_op=True))
         for work in works:
             work.wait()
         self.reducer.reset()
         return loss
 
     def _grad_regions(self) -> list[Tensor]:
-        """Each bucket's used gradient region, in the master dtype."""
+        """Each storage's used gradient area, in the master dtype."""
         out = []
-        for buffers in self.buffers:
-            grad = buffers.grad_region[: buffers.used_numel]
+        for buffers in self.storages:
+            grad = buffers.ensure_grad_area()[: buffers.used_numel]
             if grad.dtype != buffers.master.dtype:
                 grad = grad.to(buffers.master.dtype)
             out.append(grad)
         return out
 
-    def ensure_states(self, buffers: BucketBuffers) -> list[tuple[int, int, tuple[int, ...]]]:
-        """Allocate ``buffers``' states if needed; return its matrix views (matrix rules)."""
-        group = self.param_groups[buffers.bucket.group]
-        rule = self.inner.rule_for_group(group)
-        views = []
-        if buffers.bucket.granularity is Granularity.MATRIX:
-            views = [
-                (piece.region_offset, piece.numel, self.plan.param(piece.param).shape)
-                for piece in buffers.bucket.pieces(self.comm.rank)
-            ]
-        buffers.allocate_states(rule.state_specs(group), views)
-        return views
+    def ensure_states(self, buffers: StorageBuffers) -> None:
+        """Allocate ``buffers``' states if needed."""
+        group = self.param_groups[buffers.storage.group]
+        buffers.allocate_states(self.inner.rule_for_group(group).state_specs(group))
 
     def _apply_rules(self, grads: list[Tensor]) -> None:
         for group_index, group in enumerate(self.param_groups):
+            rule = self.inner.rule_for_group(group)
             params, group_grads, states = [], [], []
-            for buffers, grad in zip(self.buffers, grads):
-                if buffers.bucket.group != group_index:
+            for buffers, grad in zip(self.storages, grads):
+                if buffers.storage.group != group_index:
                     continue
-                views = self.ensure_states(buffers)
-                master = buffers.master
-                if buffers.bucket.granularity is Granularity.MATRIX:
-                    for (offset, numel, shape), state in zip(views, buffers.matrix_states):
-                        params.append(master[offset : offset + numel].view(shape))
-                        group_grads.append(grad[offset : offset + numel].view(shape))
-                        states.append(state)
+                self.ensure_states(buffers)
+                if isinstance(rule, MatrixRule):
+                    matrix_step(rule, group, buffers, grad, self.plan, self.comm)
                 else:
-                    params.append(master[: buffers.used_numel])
+                    params.append(buffers.master[: buffers.used_numel])
                     group_grads.append(grad)
                     states.append(buffers.states)
-            apply_update(self.inner.rule_for_group(group), params, group_grads, states, group)
+            if params:
+                apply_update(rule, params, group_grads, states, group)
 
     # ---------------------------------------------------------- introspection
 
     def memory_report(self) -> dict[str, Any]:
         """This rank's bytes by category, measured from the tensors allocated now."""
-        param_flats = [b.param_flat for b in self.buffers]
-        separate = [b.master for b in self.buffers if b.master_separate()]
-        keep_flat = self.stage == 1 or not self.comm.active
-        grads = [b.grad_flat if keep_flat else b.grad_region for b in self.buffers]
-        comm_buffers = [] if keep_flat else [b.grad_flat for b in self.buffers]
+        param_flats = [s.param_flat for s in self.storages]
+        separate = [s.master for s in self.storages if s.master_separate()]
+        grads = [s.grad_flat if self.keep_grad_flat else s.grad_area for s in self.storages]
+        comm_buffers = [] if self.keep_grad_flat else [b.grad_flat for b in self.buffers]
         states: dict[str, int] = {}
-        for buffers in self.buffers:
-            for name, tensors in buffers.state_tensors().items():
-                states[name] = states.get(name, 0) + storage_bytes(tensors)
-        padding = sum(b.bucket.padding_numel * b.param_flat.element_size() for b in self.buffers)
+        for buffers in self.storages:
+            for name, tensor in buffers.states.items():
+                states[name] = states.get(name, 0) + storage_bytes([tensor])
+        padding = sum(s.storage.padding_numel * s.param_flat.element_size() for s in self.storages)
         report = {
             "params": storage_bytes(param_flats),
             "grads": storage_bytes(grads),
@@ -365,12 +373,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
 
 def warn_if_padded(plan: ShardPlan) -> None:
-    """Warn when a plan pads much: whole matrices that are large against the regions."""
+    """Warn when a plan pads much: ``matrix_layout="whole"`` with matrices large against the areas."""
     if plan.used_numel >= PADDING_WARN_MIN_NUMEL and plan.padding_numel > PADDING_WARN_FRACTION * plan.used_numel:
         warnings.warn(
             f"shard plan pads {plan.padding_numel:,} elements for {plan.used_numel:,} used "
             f"({100 * plan.padding_numel / plan.used_numel:.0f}%): matrices kept whole on owner ranks "
-            "are large against bucket_numel / world_size; raise bucket_numel "
+            "are large against the per-rank share; use matrix_layout='balanced' "
             "(see docs/design/muon-at-scale.md)",
             stacklevel=3,
         )

@@ -99,7 +99,7 @@ def measure(rank: int, world: int, case: tuple, group: object) -> dict[str, obje
     def recording() -> list[torch.Tensor]:
         # The gradient regions step() works on: casts are new storages, not bucket views.
         out = grad_regions()
-        kept = {t.untyped_storage().data_ptr() for b in opt.buffers for t in (b.grad_flat, b.grad_region)
+        kept = {t.untyped_storage().data_ptr() for s in opt.storages for t in (s.grad_flat, s.grad_area)
                 if t is not None}
         casts.append(sum(g.untyped_storage().nbytes() for g in out if g.untyped_storage().data_ptr() not in kept))
         return out
@@ -111,14 +111,14 @@ def measure(rank: int, world: int, case: tuple, group: object) -> dict[str, obje
     nn.functional.cross_entropy(logits.float().reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)).backward()
     opt.step()
     report = opt.memory_report()
-    flats = {b.grad_flat.untyped_storage().data_ptr() for b in opt.buffers if b.grad_flat is not None}
+    flats = {s.grad_flat.untyped_storage().data_ptr() for s in opt.storages if s.grad_flat is not None}
     copies = sum(p.grad.untyped_storage().nbytes() for p in trainable
                  if p.grad is not None and p.grad.untyped_storage().data_ptr() not in flats)
     specs = [(type(opt.inner.rule_for_group(g)).__name__, [s.name for s in opt.inner.rule_for_group(g).state_specs(g)])
              for g in opt.param_groups]
     return {
         "report": {k: report[k] for k in ("params", "grads", "master_params", "optimizer_states", "comm_buffers")},
-        "buckets": repr(opt.plan.buckets),
+        "plan": opt.plan.fingerprint(),
         "specs": specs,
         "grad_copies": copies,
         "grad_window_peak": max(seen, default=0),

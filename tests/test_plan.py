@@ -66,21 +66,74 @@ def test_more_ranks_than_elements_gives_empty_regions():
     (bucket,) = plan.buckets
     assert bucket.used_numel == 3
     assert [len(bucket.pieces(r)) for r in range(8)] == [2] + [0] * 7
-    assert bucket.used_region_numel(5) == 0
+    assert plan.storages[0].used_area_numel(5) == 0
 
 
 @pytest.mark.parametrize("world_size", range(1, 9))
-def test_matrix_plan_keeps_each_matrix_whole_on_one_owner(world_size):
+def test_whole_matrix_layout_keeps_each_matrix_on_one_owner(world_size):
     rng = random.Random(world_size)
     shapes = [(rng.randint(2, 40), rng.randint(2, 40)) for _ in range(23)]
-    plan = plan_shards(infos(shapes, Granularity.MATRIX), world_size, bucket_numel=2_000)
+    plan = plan_shards(infos(shapes, Granularity.MATRIX), world_size, bucket_numel=2_000, matrix_layout="whole")
     plan.validate()
+    assert not plan.straddlers
+    (storage,) = plan.storages
+    for position, slot in enumerate(storage.slots):
+        (owner,) = storage.members(position)
+        assert storage.ns_owners[position] == owner
+        start, end = storage.area_bounds(owner)
+        assert start <= slot.offset and slot.offset + slot.numel <= end
+
+
+@pytest.mark.parametrize("world_size", range(1, 9))
+@pytest.mark.parametrize("bucket_numel", [50, 2_000, 1 << 20])
+def test_balanced_matrix_layout_gives_equal_areas_and_buckets_cover_each_element_once(world_size, bucket_numel):
+    rng = random.Random(world_size)
+    shapes = [(rng.randint(2, 40), rng.randint(2, 40)) for _ in range(23)] + [(3, 5, 7)]
+    plan = plan_shards(infos(shapes, Granularity.MATRIX), world_size, bucket_numel=bucket_numel)
+    (storage,) = plan.storages
+    total = sum(math.prod(s) for s in shapes)
+    # Areas are equal: the padding is what alignment and chunking need.
+    assert storage.area_numel == storage.num_chunks * storage.chunk_numel
+    assert storage.padding_numel < world_size * storage.num_chunks * plan.align_numel + world_size
+    assert plan.used_numel == total
+    # Every element is in exactly one bucket slot; a bucket's region r is a chunk of area r.
+    covered: dict[int, list[tuple[int, int]]] = {}
     for bucket in plan.buckets:
-        for slot, owner in zip(bucket.slots, bucket.owners):
-            pieces = [p for r in range(world_size) for p in bucket.pieces(r) if p.param == slot.param]
-            assert len(pieces) == 1 and pieces[0].numel == slot.numel
-            start, end = bucket.region_bounds(owner)
-            assert start <= slot.offset < end
+        for slot in bucket.slots:
+            covered.setdefault(slot.param, []).append((slot.param_offset, slot.numel))
+            rank = slot.offset // bucket.region_numel
+            in_area = bucket.area_offset(rank) + slot.offset - rank * bucket.region_numel
+            storage_offset = rank * storage.area_numel + in_area
+            param_start = next(s.offset for s in storage.slots if s.param == slot.param)
+            assert storage_offset == param_start + slot.param_offset
+    for index, shape in enumerate(shapes):
+        cursor = 0
+        for offset, numel in sorted(covered[index]):
+            assert offset == cursor
+            cursor += numel
+        assert cursor == math.prod(shape)
+    # Straddlers cross area boundaries, are owned by a member, and the exchange is theirs.
+    for straddler in plan.straddlers:
+        assert len(straddler.members) > 1 and straddler.owner in straddler.members
+        assert sum(straddler.parts) == plan.param(straddler.param).numel
+    assert sum(plan.exchange_numel(r) for r in range(world_size)) == 2 * sum(
+        sum(s.parts) - s.parts[s.members.index(s.owner)] for s in plan.straddlers)
+    assert len(plan.straddlers) <= world_size - 1 or any(
+        plan.param(s.param).numel > storage.area_numel for s in plan.straddlers)
+
+
+def test_param_buckets_agrees_with_bucket_slots():
+    rng = random.Random(3)
+    shapes = [(rng.randint(2, 40), rng.randint(2, 40)) for _ in range(23)]
+    params = infos(shapes, Granularity.MATRIX) + [
+        ParamInfo(23 + i, f"e{i}", s, "float32", 1) for i, s in enumerate(SHAPES)]
+    plan = plan_shards(params, 4, bucket_numel=64)
+    expected: dict[int, dict[int, int]] = {}
+    for bucket in plan.buckets:
+        for slot in bucket.slots:
+            counts = expected.setdefault(slot.param, {})
+            counts[bucket.index] = counts.get(bucket.index, 0) + 1
+    assert plan.param_buckets() == {p: sorted(c.items()) for p, c in expected.items()}
 
 
 def test_plan_is_deterministic_and_fingerprinted():
@@ -99,6 +152,7 @@ def test_plan_is_deterministic_and_fingerprinted():
         ({"world_size": True}, "world_size"),
         ({"world_size": 2, "bucket_numel": 0}, "bucket_numel"),
         ({"world_size": 2, "align_numel": 0}, "align_numel"),
+        ({"world_size": 2, "matrix_layout": "striped"}, "matrix_layout"),
     ],
 )
 def test_bad_plan_arguments_name_the_argument(kwargs, match):

@@ -97,10 +97,10 @@ def test_frozen_parameters_are_left_out_and_untouched():
     assert index not in state and len(state) == len(list(model.parameters())) - 1
 
 
-def test_parameters_are_views_of_the_bucket_buffers():
+def test_parameters_are_views_of_the_storages():
     model = w.TinyLM()
     opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, bucket_numel=300)
-    storages = {b.param_flat.untyped_storage().data_ptr() for b in opt.buffers}
+    storages = {s.param_flat.untyped_storage().data_ptr() for s in opt.storages}
     for param in model.parameters():
         assert param.untyped_storage().data_ptr() in storages
 
@@ -158,9 +158,10 @@ def test_a_heavily_padded_plan_warns():
     from shardopt.zero_optimizer import warn_if_padded
 
     big = [shardopt.ParamInfo(i, f"m{i}", (1024, 1024), "float32", 0, shardopt.Granularity.MATRIX) for i in range(2)]
-    # Two whole 1M-element matrices over 8 ranks: six regions are all padding.
-    with pytest.warns(UserWarning, match="raise bucket_numel"):
-        warn_if_padded(shardopt.plan_shards(big, 8))
+    # Two whole 1M-element matrices over 8 ranks: six areas are all padding.
+    with pytest.warns(UserWarning, match="matrix_layout='balanced'"):
+        warn_if_padded(shardopt.plan_shards(big, 8, matrix_layout="whole"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        warn_if_padded(shardopt.plan_shards(big, 2))
+        warn_if_padded(shardopt.plan_shards(big, 2, matrix_layout="whole"))
+        warn_if_padded(shardopt.plan_shards(big, 8))  # balanced: a quarter matrix per rank

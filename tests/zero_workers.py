@@ -420,5 +420,5 @@ def startup(rank: int, world: int) -> dict[str, object]:
         ref_opt.step()
         ref_opt.zero_grad()
     out["tiny"] = max_diff(tiny, ref)
-    out["empty_region"] = opt.buffers[0].used_numel == 0
+    out["empty_region"] = opt.storages[0].used_numel == 0
     return out

@@ -2,7 +2,7 @@
 
 from .adagrad import AdagradRule
 from .adam import AdamRule, AdamWRule
-from .base import Granularity, StateShape, StateSpec, UpdateRule
+from .base import Granularity, MatrixRule, StateShape, StateSpec, UpdateRule
 from .lion import LionRule
 from .muon import MuonRule
 from .rmsprop import RMSpropRule
@@ -14,6 +14,7 @@ __all__ = [
     "AdamWRule",
     "Granularity",
     "LionRule",
+    "MatrixRule",
     "MuonRule",
     "RMSpropRule",
     "SGDRule",

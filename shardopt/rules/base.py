@@ -177,6 +177,66 @@ class UpdateRule(abc.ABC):
             raise TypeError(f"{label}: expected a floating-point parameter, got {param.dtype}")
 
 
+class MatrixRule(UpdateRule):
+    """A rule that needs each matrix whole, split into three phases.
+
+    The ZeRO engine keeps a matrix's elements (and its elementwise state) where
+    the plan puts them, possibly across ranks, and calls the phases around the
+    exchange that brings each matrix whole to the one rank transforming it:
+
+    1. :meth:`prepare` (elementwise, in place): on any slice of the flattened
+       parameters, e.g. a rank's whole area at once (Muon: momentum).
+    2. :meth:`direction` (elementwise, new tensor): what the matrix transform
+       takes, per slice (Muon: the Nesterov update).
+    3. :meth:`transform` (whole matrices): directions of one batch from
+       :meth:`batches` -> update directions (Muon: Newton-Schulz).
+    4. :meth:`finish` (elementwise given the matrix's shape): apply a slice of
+       the transformed direction to the same slice of the parameter.
+
+    :meth:`update` composes the phases for whole parameters (single process).
+    """
+
+    granularity: ClassVar[Granularity] = Granularity.MATRIX
+
+    @abc.abstractmethod
+    def prepare(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                hp: Mapping[str, Any]) -> None:
+        """Elementwise state update before the transform."""
+
+    @abc.abstractmethod
+    def direction(self, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> Tensor:
+        """The transform's input for a slice (a new tensor or a state view not changed later)."""
+
+    @abc.abstractmethod
+    def batches(self, shapes: Sequence[tuple[int, ...]], hp: Mapping[str, Any]) -> list[list[int]]:
+        """Indices of ``shapes`` that :meth:`transform` may process together."""
+
+    @abc.abstractmethod
+    def transform(self, directions: list[Tensor], hp: Mapping[str, Any]) -> list[Tensor]:
+        """Whole-matrix transform of one batch of equally shaped directions."""
+
+    @abc.abstractmethod
+    def finish(self, param: Tensor, update: Tensor, shape: tuple[int, ...], hp: Mapping[str, Any]) -> None:
+        """Apply ``update`` (same slice as ``param``) of a matrix of ``shape`` in place."""
+
+    def update(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Tensor]],
+        hp: Mapping[str, Any],
+    ) -> None:
+        if not params:
+            return
+        self.prepare(params, grads, states, hp)
+        for batch in self.batches([tuple(p.shape) for p in params], hp):
+            # Directions per batch, not for all matrices at once: each is a
+            # temporary as large as the matrices it covers.
+            directions = [self.direction(grads[i], states[i], hp) for i in batch]
+            for i, update in zip(batch, self.transform(directions, hp)):
+                self.finish(params[i], update, tuple(params[i].shape), hp)
+
+
 def increment_steps(states: list[dict[str, Tensor]]) -> list[float]:
     """Add one to each ``step`` state and return the new values as Python floats."""
     steps = [state["step"] for state in states]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,8 +34,8 @@ from torch import Tensor
 
 from .base import (
     Granularity,
+    MatrixRule,
     StateSpec,
-    UpdateRule,
     check_bool,
     check_nonneg,
     check_unit_interval,
@@ -60,7 +60,7 @@ def lr_scale(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
     return math.sqrt(max(1.0, rows / cols))
 
 
-class MuonRule(UpdateRule):
+class MuonRule(MatrixRule):
     name = "muon"
     granularity = Granularity.MATRIX
     defaults = {
@@ -111,51 +111,47 @@ class MuonRule(UpdateRule):
         return (StateSpec("momentum_buffer"),)
 
     @torch.no_grad()
-    def update(
-        self,
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: list[dict[str, Tensor]],
-        hp: Mapping[str, Any],
-    ) -> None:
-        if not params:
-            return
-        momentum, lr, weight_decay = hp["momentum"], hp["lr"], hp["weight_decay"]
-        bufs = [state["momentum_buffer"] for state in states]
-        torch._foreach_lerp_(bufs, grads, 1 - momentum)
+    def prepare(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                hp: Mapping[str, Any]) -> None:
+        torch._foreach_lerp_([state["momentum_buffer"] for state in states], grads, 1 - hp["momentum"])
 
-        def update_of(i: int) -> Tensor:
-            # Built per batch, not for all matrices at once: the Nesterov
-            # update is a temporary as large as the matrices it covers.
-            return grads[i].lerp(bufs[i], momentum) if hp["nesterov"] else bufs[i]
+    @torch.no_grad()
+    def direction(self, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> Tensor:
+        buf = state["momentum_buffer"]
+        return grad.lerp(buf, hp["momentum"]) if hp["nesterov"] else buf
 
-        coefficients = resolve_coefficients(hp["ns_coefficients"])
-        dtype = resolve_ns_dtype(hp["ns_dtype"])
+    def batches(self, shapes: Sequence[tuple[int, ...]], hp: Mapping[str, Any]) -> list[list[int]]:
         # Same-shape matrices are orthogonalized in one batched matmul where that
         # cannot change the result: in fp32. CPU bf16 batched matmuls round
         # differently from one-at-a-time ones (measured: 7 of 200 stacks of four
         # 16x16 matrices differed), which would make a matrix's update depend on
         # which other matrices share its rank, and a sharded run differ from an
         # unsharded one.
-        batch = dtype == torch.float32
+        if resolve_ns_dtype(hp["ns_dtype"]) != torch.float32:
+            return [[index] for index in range(len(shapes))]
         by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for index, param in enumerate(params):
-            key = tuple(param.shape) if batch else (index, *param.shape)
-            by_shape[key].append(index)
-        for indices in by_shape.values():
-            shape = tuple(params[indices[0]].shape)
-            if len(indices) == 1:
-                outputs = [orthogonalize(as_matrices(update_of(indices[0])), coefficients, hp["ns_steps"],
-                                         eps=hp["eps"], dtype=dtype)]
-            else:
-                stack = torch.cat([as_matrices(update_of(i)).reshape(-1, *matrix_shape(shape)) for i in indices])
-                ortho = orthogonalize(stack, coefficients, hp["ns_steps"], eps=hp["eps"], dtype=dtype)
-                outputs = list(ortho.split(stack.shape[0] // len(indices)))
-            self.num_orthogonalized += len(indices) * (shape[0] if len(shape) == 3 else 1)
-            rows, cols = matrix_shape(shape)
-            scale = lr_scale(hp["adjust_lr_fn"], rows, cols)
-            for index, ortho_i in zip(indices, outputs):
-                param = params[index]
-                if weight_decay != 0:
-                    param.mul_(1 - lr * weight_decay)
-                param.add_(ortho_i.reshape(param.shape), alpha=-lr * scale)
+        for index, shape in enumerate(shapes):
+            by_shape[tuple(shape)].append(index)
+        return list(by_shape.values())
+
+    @torch.no_grad()
+    def transform(self, directions: list[Tensor], hp: Mapping[str, Any]) -> list[Tensor]:
+        coefficients = resolve_coefficients(hp["ns_coefficients"])
+        dtype = resolve_ns_dtype(hp["ns_dtype"])
+        shape = tuple(directions[0].shape)
+        if len(directions) == 1:
+            outputs = [orthogonalize(as_matrices(directions[0]), coefficients, hp["ns_steps"],
+                                     eps=hp["eps"], dtype=dtype)]
+        else:
+            stack = torch.cat([as_matrices(d).reshape(-1, *matrix_shape(shape)) for d in directions])
+            ortho = orthogonalize(stack, coefficients, hp["ns_steps"], eps=hp["eps"], dtype=dtype)
+            outputs = list(ortho.split(stack.shape[0] // len(directions)))
+        self.num_orthogonalized += len(directions) * (shape[0] if len(shape) == 3 else 1)
+        return outputs
+
+    @torch.no_grad()
+    def finish(self, param: Tensor, update: Tensor, shape: tuple[int, ...], hp: Mapping[str, Any]) -> None:
+        lr, weight_decay = hp["lr"], hp["weight_decay"]
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        param.add_(update.reshape(param.shape), alpha=-lr * lr_scale(hp["adjust_lr_fn"], *matrix_shape(shape)))

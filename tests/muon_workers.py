@@ -1,0 +1,159 @@
+"""Distributed Muon programs run on every spawned rank by test_muon_dist.py.
+
+Each compares ZeroOptimizer(shardopt.Muon) on this rank's slice of the batch
+with the single-process shardopt.Muon (with its AdamW group) on the whole batch
+in the same process: the oracle.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import shardopt
+
+BATCH = 24  # divisible by world sizes 1, 2, 3 and 4
+SEQ = 6
+VOCAB = 19
+HP = dict(lr=0.02, ns_dtype="float32", weight_decay=0.05, adamw_lr=0.01)
+STEPS = 20
+
+
+class MuonNet(nn.Module):
+    """Square, tall and wide matrices, a same-shape group, an expert stack, a conv
+    kernel, and the parameters Muon leaves to AdamW: embedding, head, norm, biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.norm = nn.LayerNorm(16)
+        self.q = nn.Linear(16, 16, bias=False)  # q, k, v: three square 16x16
+        self.k = nn.Linear(16, 16, bias=False)
+        self.v = nn.Linear(16, 16, bias=False)
+        self.up = nn.Linear(16, 37)  # weight 37x16: tall (odd sizes: areas cut matrices)
+        self.down = nn.Linear(37, 16)  # weight 16x37: wide
+        self.experts = nn.Parameter(torch.randn(3, 8, 16) / 4)  # three 8x16 matrices
+        self.mix = nn.Linear(8, 16, bias=False)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)  # a 4x36 matrix
+        self.branch = nn.Linear(16, 16, bias=False)  # used on some ranks only
+        self.lm_head = nn.Linear(16, VOCAB, bias=False)
+
+    def forward(self, tokens: torch.Tensor, use_branch: bool = False) -> torch.Tensor:
+        h = self.norm(self.embed(tokens))
+        att = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2) / 4, dim=-1)
+        h = h + att @ self.v(h)
+        h = h + self.down(torch.relu(self.up(h)))
+        h = h + self.mix(torch.einsum("btd,erd->btr", h, self.experts).relu())
+        b, t, _ = h.shape
+        h = h + self.conv(h.reshape(b * t, 4, 2, 2)).reshape(b, t, 16)
+        if use_branch:
+            h = h + self.branch(h)
+        return self.lm_head(h)
+
+
+NUM_MATRICES = 3 + 2 + 3 + 1 + 1 + 1  # q k v, up down, 3 experts, mix, conv, branch
+
+
+def batch(step: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(2000 + step)
+    return torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
+
+
+def loss_of(model: nn.Module, tokens: torch.Tensor, use_branch: bool = False) -> torch.Tensor:
+    logits = model(tokens[:, :-1], use_branch=use_branch)
+    return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+
+def max_diff(a: nn.Module, b: nn.Module) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
+
+
+def _pair(**zero_kwargs):
+    torch.manual_seed(0)
+    model = MuonNet()
+    ref = copy.deepcopy(model)
+    opt = shardopt.ZeroOptimizer(shardopt.muon_param_groups(model), shardopt.Muon, **zero_kwargs, **HP)
+    return model, ref, opt, shardopt.Muon(shardopt.muon_param_groups(ref), **HP)
+
+
+def _train(rank: int, world: int, model, ref, opt, ref_opt, *, clip: float | None = None,
+           poison_step: int | None = None) -> dict[str, object]:
+    """STEPS steps; the branch runs on rank 0's slice only (a missing gradient elsewhere)."""
+    counts, skipped = [], []
+    for step in range(STEPS):
+        tokens = batch(step)
+        slices = tokens.chunk(world)
+        loss = loss_of(model, slices[rank], use_branch=rank == 0)
+        if step == poison_step and rank == world - 1:
+            loss = loss * float("inf")  # every gradient of this rank becomes inf or nan
+        loss.backward()
+        before = opt.inner.muon_rule.num_orthogonalized
+        opt.step()
+        counts.append(opt.inner.muon_rule.num_orthogonalized - before)
+        opt.zero_grad()
+        if step == poison_step:
+            skipped.append(opt.num_skipped_steps)
+            continue  # the oracle skips the step too: no update, no momentum change
+        # The oracle: the mean of the ranks' losses, each on its own slice.
+        total = sum(loss_of(ref, part, use_branch=r == 0) for r, part in enumerate(slices)) / world
+        total.backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(ref.parameters(), clip)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    full = opt.full_state_dict()
+    momentum_diff = 0.0
+    if full is not None:
+        ref_state = ref_opt.state_dict()["state"]
+        for index, entry in full["state"].items():
+            if "momentum_buffer" in entry:
+                theirs = ref_state[index]["momentum_buffer"]
+                momentum_diff = max(momentum_diff, (entry["momentum_buffer"] - theirs).abs().max().item())
+    return {"diff": max_diff(model, ref), "momentum_diff": momentum_diff, "orthogonalized": counts,
+            "skipped": skipped, "straddlers": len(opt.plan.straddlers), "exchange": opt.comm_stats().get("exchange", 0),
+            "planned_exchange": opt.plan.exchange_numel(opt.comm.rank) * 4 * STEPS,
+            "num_buckets": len(opt.plan.buckets), "comm": opt.comm_stats(),
+            "padding": opt.plan.padding_numel}
+
+
+def equivalence(rank: int, world: int) -> dict[str, object]:
+    out = {}
+    for layout, stage, bucket_numel in (("balanced", 2, 400), ("balanced", 1, 400), ("whole", 2, 400),
+                                        ("balanced", 2, 1 << 20)):
+        model, ref, opt, ref_opt = _pair(stage=stage, matrix_layout=layout, bucket_numel=bucket_numel)
+        out[f"{layout}-{stage}-{bucket_numel}"] = _train(rank, world, model, ref, opt, ref_opt)
+    return out
+
+
+def semantics(rank: int, world: int) -> dict[str, object]:
+    """Clipping acts on raw gradients before momentum; a non-finite gradient skips the
+    step without touching momentum; missing gradients count as zeros."""
+    model, ref, opt, ref_opt = _pair(max_grad_norm=0.5, bucket_numel=400)
+    return _train(rank, world, model, ref, opt, ref_opt, clip=0.5, poison_step=7)
+
+
+def adamw_comm(rank: int, world: int) -> dict[str, object]:
+    """Bytes per step of ZeRO AdamW and of ZeRO Muon on the same model."""
+    out = {}
+    for name in ("adamw", "muon"):
+        torch.manual_seed(0)
+        model = MuonNet()
+        if name == "adamw":
+            opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, lr=0.01, bucket_numel=400)
+        else:
+            opt = shardopt.ZeroOptimizer(shardopt.muon_param_groups(model), shardopt.Muon, bucket_numel=400, **HP)
+        before = dict(opt.comm_stats())
+        loss_of(model, batch(0).chunk(world)[rank], use_branch=True).backward()
+        opt.step()
+        after = opt.comm_stats()
+        out[name] = {kind: after[kind] - before.get(kind, 0) for kind in after}
+        out[f"{name}_padding"] = opt.plan.padding_numel
+        out[f"{name}_flat"] = opt.plan.flat_numel
+        out[f"{name}_exchange_planned"] = opt.plan.exchange_numel(opt.comm.rank)
+    return out
+
+
+def suite(rank: int, world: int, programs: list[str]) -> dict[str, object]:
+    return {name: globals()[name](rank, world) for name in programs}
