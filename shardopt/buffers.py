@@ -14,7 +14,8 @@ Per storage (:class:`StorageBuffers`):
 
 Per bucket (:class:`BucketBuffers`): ``grad_flat``, the bucket's local
 gradients, the reduce-scatter's (or all-reduce's) input. At stage 2 it lives
-from the bucket's first gradient until its reduce-scatter is done.
+from the bucket's first gradient until its reduce-scatter is done. (Matrix
+storages at stage 2 reduce per matrix instead: :mod:`shardopt.hooks`.)
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class BucketBuffers:
 
     def grad_region(self) -> Tensor:
         """This rank's averaged gradient for the bucket: its chunk of the gradient area."""
-        start = self.bucket.area_offset(self.owner.rank)
+        start = self.bucket.area_offset
         return self.owner.ensure_grad_area()[start : start + self.bucket.region_numel]
 
     def release_grad_flat(self) -> None:
@@ -109,10 +110,10 @@ class BucketBuffers:
 
     def param_chunks(self) -> list[Tensor]:
         """Each rank's chunk of the parameters, as views of the storage (all-gather output)."""
-        size, area = self.bucket.region_numel, self.owner.storage.area_numel
+        size, area, offset = self.bucket.region_numel, self.owner.storage.area_numel, self.bucket.area_offset
         return [
             self.owner.param_flat[rank * area + offset : rank * area + offset + size]
-            for rank, offset in enumerate(self.bucket.area_offset(r) for r in range(self.bucket.world_size))
+            for rank in range(self.bucket.world_size)
         ]
 
 

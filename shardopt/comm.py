@@ -53,6 +53,21 @@ class _SumRegions:
         return True
 
 
+class _MeanOnWait:
+    """Completes a summing reduce: divides the result (on the destination) into a mean."""
+
+    def __init__(self, work: Any, result: Tensor | None, world_size: int) -> None:
+        self.work, self.result, self.world_size = work, result, world_size
+
+    def wait(self) -> bool:
+        if self.work is not None:
+            self.work.wait()
+            if self.result is not None:
+                self.result.div_(self.world_size)
+            self.work = None
+        return True
+
+
 class Communicator:
     """Collectives over one process group (``None``: no group, one rank)."""
 
@@ -101,6 +116,24 @@ class Communicator:
         return _reduce_scatter_flat(
             output, flat, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op
         )
+
+    def reduce_avg(self, tensor: Tensor, dst: int, *, async_op: bool = False):
+        """``tensor`` on rank ``dst`` <- mean over ranks of ``tensor`` (others' copies are scratch).
+
+        Counted like a reduce-scatter's share of the same elements: with the
+        reductions of all parts of a storage's matrices, each rank sends what a
+        reduce-scatter of the storage would.
+        """
+        if not self.active:
+            return _Done()
+        self._count("reduce", self._share(tensor.numel() * tensor.element_size()))
+        if self.gloo:
+            work = dist.reduce(tensor, self.global_rank(dst), op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+            done = _MeanOnWait(work, tensor if dst == self.rank else None, self.world_size)
+            if not async_op:
+                done.wait()
+            return done
+        return dist.reduce(tensor, self.global_rank(dst), op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
 
     def all_gather_inplace(self, flat: Tensor, *, async_op: bool = False):
         """Every rank's region of ``flat`` to every rank; this rank sends its own."""

@@ -2,13 +2,15 @@
 
 A post-accumulate-grad hook (``Tensor.register_post_accumulate_grad_hook``,
 the mechanism torch documents for optimizer-in-backward) copies each
-parameter's gradient into its bucket's flat buffer and frees ``p.grad``. When
-every parameter of a bucket has arrived, an asynchronous reduce-scatter
-(stage 2) or all-reduce (stage 1) of the bucket starts, overlapping the rest
-of backward, as DDP's reducer does (Li et al. 2020, "PyTorch Distributed",
-section 3.2.3).
+parameter's gradient into its reduction buffer and frees ``p.grad``. When
+every parameter of a reduction unit has arrived, an asynchronous
+reduce-scatter (stage 2) or all-reduce (stage 1) of the bucket starts,
+overlapping the rest of backward, as DDP's reducer does (Li et al. 2020,
+"PyTorch Distributed", section 3.2.3). A matrix of a Muon storage at stage 2
+is its own unit: each of its parts is reduced to the rank whose area holds it
+(:attr:`ShardPlan.reduce_units` says why).
 
-Buckets are launched strictly in plan order: a bucket that is complete waits
+Units are launched strictly in plan order: a unit that is complete waits
 for the ones before it. Ranks then issue the same collectives in the same
 order even when one of them got no gradient for some parameter (an unused
 branch on that rank only); those buckets launch at ``step()`` with zeros in
@@ -23,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .buffers import BucketBuffers
+from .buffers import BucketBuffers, StorageBuffers
 from .comm import Communicator
-from .plan import ShardPlan
+from .plan import ShardPlan, Slot
 
 MAX_IN_FLIGHT = 2
 
@@ -35,35 +37,45 @@ class GradientReducer:
         self,
         plan: ShardPlan,
         buffers: list[BucketBuffers],
+        storages: list[StorageBuffers],
         params: dict[int, Tensor],
         comm: Communicator,
         *,
-        stage: int,
         overlap: bool,
         label: Callable[[Tensor], str],
         on_reduced: Callable[[], None],
     ) -> None:
         self.plan = plan
         self.buffers = buffers
+        self.storages = storages
         self.params = params
         self.comm = comm
-        self.stage = stage
         self.overlap = overlap
         self.label = label
         self.sync_enabled = True
         self.on_reduced = on_reduced
         self.finished = False
         self._callback_queued = False
-        # Where each parameter's gradient goes: (bucket, offset in its flat, slot).
-        self.location: dict[int, list[tuple[int, Any]]] = {}
-        for bucket in plan.buckets:
-            for slot in bucket.slots:
-                self.location.setdefault(slot.param, []).append((bucket.index, slot))
-        self.num_pending = [len(bucket.slots) for bucket in plan.buckets]
+        self.units = plan.reduce_units
+        # Each parameter's unit (position in launch order), and for bucket units its slots.
+        self.unit_of: dict[int, int] = {}
+        self.slots: dict[int, list[Slot]] = {}
+        for position, unit in enumerate(self.units):
+            for param in plan.unit_params(unit):
+                self.unit_of[param] = position
+            if unit.bucket is not None:
+                for slot in plan.buckets[unit.bucket].slots:
+                    self.slots.setdefault(slot.param, []).append(slot)
+        self.storage_of = {
+            slot.param: storage for storage in storages for slot in storage.storage.slots
+        }
+        self.num_pending = [len(plan.unit_params(unit)) for unit in self.units]
         self.arrived: set[int] = set()
         self.next_launch = 0
-        # (buffers, work) of launched reductions not yet waited for.
-        self.in_flight: list[tuple[BucketBuffers, Any]] = []
+        # Matrix units: each matrix's local gradient (reduce dtype) until it is reduced.
+        self.matrix_grads: dict[int, Tensor] = {}
+        # (unit position, work) of launched reductions not yet waited for.
+        self.in_flight: list[tuple[int, Any]] = []
         self.handles = [
             param.register_post_accumulate_grad_hook(self._make_hook(index))
             for index, param in params.items()
@@ -84,7 +96,7 @@ class GradientReducer:
         return hook
 
     def take_grad(self, index: int, param: Tensor) -> None:
-        """Move ``param.grad`` into its bucket; ``None`` means a zero gradient."""
+        """Move ``param.grad`` into its reduction buffer; ``None`` means a zero gradient."""
         if index in self.arrived or self.finished:
             raise RuntimeError(
                 f"{self.label(param)} received a second gradient before step(): "
@@ -96,42 +108,65 @@ class GradientReducer:
             if grad.is_sparse:
                 raise TypeError(f"{self.label(param)}: sparse gradients are not supported")
             grad = grad.reshape(-1)
-        for bucket_index, slot in self.location[index]:
-            flat = self.buffers[bucket_index].ensure_grad_flat()
-            target = flat[slot.offset : slot.offset + slot.numel]
-            if grad is None:
-                target.zero_()
-            else:
-                target.copy_(grad[slot.param_offset : slot.param_offset + slot.numel])
-            self.num_pending[bucket_index] -= 1
+        position = self.unit_of[index]
+        unit = self.units[position]
+        if unit.bucket is None:
+            dtype = self.storage_of[index].reduce_dtype
+            target = torch.empty(param.numel(), dtype=dtype, device=param.device)
+            self.matrix_grads[index] = target.zero_() if grad is None else target.copy_(grad)
+        else:
+            flat = self.buffers[unit.bucket].ensure_grad_flat()
+            for slot in self.slots[index]:
+                target = flat[slot.offset : slot.offset + slot.numel]
+                if grad is None:
+                    target.zero_()
+                else:
+                    target.copy_(grad[slot.param_offset : slot.param_offset + slot.numel])
         param.grad = None
         self.arrived.add(index)
+        self.num_pending[position] -= 1
 
     def launch_ready(self) -> None:
-        while self.next_launch < len(self.buffers) and self.num_pending[self.next_launch] == 0:
-            self._launch(self.buffers[self.next_launch])
+        while self.next_launch < len(self.units) and self.num_pending[self.next_launch] == 0:
+            self._launch(self.next_launch)
             self.next_launch += 1
 
-    def _launch(self, buffers: BucketBuffers) -> None:
-        flat = buffers.ensure_grad_flat()
-        bucket = buffers.bucket
-        # Padding must be zero in the reduction's input: clear the gaps between slots.
-        cursor = 0
-        for slot in sorted(bucket.slots, key=lambda s: s.offset):
-            if slot.offset > cursor:
-                flat[cursor : slot.offset].zero_()
-            cursor = slot.offset + slot.numel
-        flat[cursor:].zero_()
-        if buffers.owner.keep_grad_flat:
-            self.in_flight.append((buffers, self.comm.all_reduce_avg(flat, async_op=True)))
+    def _launch(self, position: int) -> None:
+        unit = self.units[position]
+        if unit.bucket is None:
+            # Each part of the matrix goes to the rank whose area holds it.
+            storage = self.storage_of[unit.param]
+            grad = self.matrix_grads[unit.param]
+            works = [
+                self.comm.reduce_avg(grad[low:high], member, async_op=True)
+                for member, low, high in storage.storage.parts(unit.param)
+            ]
+            self.in_flight.append((position, works))
         else:
-            region = buffers.grad_region()
-            self.in_flight.append((buffers, self.comm.reduce_scatter_avg(region, flat, async_op=True)))
-            # Stage 2 keeps at most MAX_IN_FLIGHT full-bucket gradient buffers alive:
-            # waiting for the oldest frees it, so peak gradient memory is this rank's
-            # regions plus a bounded window, not the whole model's gradients.
-            while len(self.in_flight) > MAX_IN_FLIGHT:
-                self._complete(*self.in_flight.pop(0))
+            buffers = self.buffers[unit.bucket]
+            flat = buffers.ensure_grad_flat()
+            bucket = buffers.bucket
+            # Padding must be zero in the reduction's input: clear the gaps between slots.
+            cursor = 0
+            for slot in sorted(bucket.slots, key=lambda s: s.offset):
+                if slot.offset > cursor:
+                    flat[cursor : slot.offset].zero_()
+                cursor = slot.offset + slot.numel
+            flat[cursor:].zero_()
+            if buffers.owner.keep_grad_flat:
+                self.in_flight.append((position, [self.comm.all_reduce_avg(flat, async_op=True)]))
+            else:
+                work = self.comm.reduce_scatter_avg(buffers.grad_region(), flat, async_op=True)
+                self.in_flight.append((position, [work]))
+        # Stage 2 keeps at most MAX_IN_FLIGHT gradient buffers in flight: waiting for
+        # the oldest frees it, so peak gradient memory is this rank's areas plus a
+        # bounded window, not the whole model's gradients.
+        while len(self.in_flight) > MAX_IN_FLIGHT and not self._keeps_flat(position):
+            self._complete(*self.in_flight.pop(0))
+
+    def _keeps_flat(self, position: int) -> bool:
+        unit = self.units[position]
+        return unit.bucket is not None and self.buffers[unit.bucket].owner.keep_grad_flat
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
@@ -150,14 +185,30 @@ class GradientReducer:
         self.finished = True
         self.on_reduced()
 
-    @staticmethod
-    def _complete(buffers: BucketBuffers, work: Any) -> None:
-        work.wait()
-        if not buffers.owner.keep_grad_flat:
-            buffers.release_grad_flat()
+    def _complete(self, position: int, works: list[Any]) -> None:
+        for work in works:
+            work.wait()
+        unit = self.units[position]
+        if unit.bucket is None:
+            grad = self.matrix_grads.pop(unit.param)
+            storage = self.storage_of[unit.param]
+            rank = self.comm.rank
+            area_start = rank * storage.storage.area_numel
+            start = storage.storage.slot_offset(unit.param)
+            for member, low, high in storage.storage.parts(unit.param):
+                if member == rank:
+                    at = start + low - area_start
+                    storage.ensure_grad_area()[at : at + high - low].copy_(grad[low:high])
+        elif not self.buffers[unit.bucket].owner.keep_grad_flat:
+            self.buffers[unit.bucket].release_grad_flat()
+
+    def buffer_bytes(self) -> int:
+        """Bytes of gradient buffers alive for reductions not yet completed (stage 2)."""
+        flats = sum(b.grad_flat.untyped_storage().nbytes() for b in self.buffers if b.grad_flat is not None)
+        return flats + sum(g.untyped_storage().nbytes() for g in self.matrix_grads.values())
 
     def reset(self) -> None:
         self.finished = False
         self.arrived.clear()
-        self.num_pending = [len(bucket.slots) for bucket in self.plan.buckets]
+        self.num_pending = [len(self.plan.unit_params(unit)) for unit in self.units]
         self.next_launch = 0

@@ -198,9 +198,9 @@ def used_by_rank(storage: Storage) -> list[int]:
 
 @lru_cache(maxsize=64)
 def _plan(infos: tuple[ParamInfo, ...], world_size: int, bucket_numel: int, matrix_layout: str,
-          chunk_matrices: bool) -> tuple[ShardPlan, tuple[_RankShare, ...]]:
+          shard_gradients: bool) -> tuple[ShardPlan, tuple[_RankShare, ...]]:
     plan = plan_shards(infos, world_size, bucket_numel=bucket_numel, align_numel=DEFAULT_ALIGN_NUMEL,
-                       matrix_layout=matrix_layout, chunk_matrices=chunk_matrices)
+                       matrix_layout=matrix_layout, shard_gradients=shard_gradients)
     groups = {s.group for s in plan.storages}
     used = {g: [0] * world_size for g in groups}
     shapes: dict[int, list[list[tuple[int, ...]]]] = {g: [[] for _ in range(world_size)] for g in groups}
@@ -287,31 +287,30 @@ def muon_workspace(shapes: Sequence[tuple[int, ...]], hp: Mapping[str, Any], wid
     return peak
 
 def reduce_window_numel(plan: ShardPlan, arrival: Sequence[int]) -> int:
-    """Peak elements of full-bucket gradient buffers alive during a stage-2 backward.
+    """Peak elements of gradient reduction buffers alive during a stage-2 backward.
 
     Replays ``hooks.GradientReducer`` on the gradient ``arrival`` order (parameter
-    indices): a bucket's buffer exists from its first gradient until its
-    reduce-scatter is waited for; buckets launch strictly in plan order once
-    complete, and launching one more than ``MAX_IN_FLIGHT`` waits for the oldest.
-    A bucket complete before the ones ahead of it waits with its buffer alive.
+    indices): a unit's buffer (a bucket's flat, or a Muon matrix's copy) exists
+    from its first gradient until its reduction is waited for; units launch
+    strictly in plan order once complete, and launching one more than
+    ``MAX_IN_FLIGHT`` waits for the oldest. A unit complete before the ones
+    ahead of it waits with its buffer alive.
     """
-    buckets_of = plan.param_buckets()
-    pending = [0] * len(plan.buckets)
-    for counts in buckets_of.values():
-        for bucket, count in counts:
-            pending[bucket] += count
+    units = plan.reduce_units
+    unit_of = {param: position for position, unit in enumerate(units) for param in plan.unit_params(unit)}
+    pending = [len(plan.unit_params(unit)) for unit in units]
     alive: dict[int, int] = {}
     in_flight: list[int] = []
     launched = peak = 0
     for index in arrival:
-        for bucket, count in buckets_of.get(index, ()):
-            alive[bucket] = plan.buckets[bucket].flat_numel
-            pending[bucket] -= count
+        position = unit_of[index]
+        alive[position] = plan.unit_numel(units[position])
+        pending[position] -= 1
         while launched < len(pending) and pending[launched] == 0:
             in_flight.append(launched)
             launched += 1
             while len(in_flight) > MAX_IN_FLIGHT:
-                alive.pop(in_flight.pop(0), None)
+                alive.pop(in_flight.pop(0))
         peak = max(peak, sum(alive.values()))
     return peak
 

@@ -26,21 +26,27 @@ Matrix rules (Muon) need each matrix whole for Newton-Schulz. A param group's
 matrices form one storage (``docs/design/muon-at-scale.md``):
 
 * ``matrix_layout="balanced"`` (default): the matrices are dealt to ``N``
-  lists in backward order (each to the least-filled list), the lists are laid
-  end to end, and the sequence is cut into ``N`` areas of ``ceil(total / N)``.
-  Every rank holds the same number of elements (padding: alignment only, at
-  any ``N``); the few matrices that cross an area boundary ("straddlers", at
-  most ``N - 1`` boundaries) keep their momentum where each part lives, and
-  one member, chosen to balance Newton-Schulz cost, orthogonalizes the whole
-  matrix after an exchange of the parts (:mod:`shardopt.matrix_step`).
+  lists by Newton-Schulz cost (longest processing time first), each list
+  ordered with its smallest matrices at both ends, the lists laid end to end,
+  and the sequence cut into ``N`` areas of ``ceil(total / N)``. Every rank
+  holds the same number of elements (padding: alignment only, at any ``N``);
+  the few matrices that cross an area boundary ("straddlers", at most ``N -
+  1`` boundaries, small ones by construction) keep their momentum where each
+  part lives, and one member, chosen to balance Newton-Schulz cost,
+  orthogonalizes the whole matrix after an exchange of the parts
+  (:mod:`shardopt.matrix_step`).
 * ``matrix_layout="whole"``: every matrix inside one area (owners by
   longest-processing-time on Newton-Schulz cost); no exchange, but areas are
   as large as the busiest rank's matrices, and the rest is padding.
 
-Because the lists are dealt in backward order, chunk ``k`` of every area holds
-gradients that arrive close together, so buckets still complete during
-backward. At stage 1 (and on one rank) a matrix storage is one bucket: the
-full averaged gradient is kept there and ``p.grad`` must be a view of it.
+Gradients of a matrix storage at stage 2 are reduced matrix by matrix, each
+part to the rank whose area holds it (:attr:`ShardPlan.reduce_units`), as
+each matrix's gradient arrives: a bucket spanning every rank's area would wait
+for gradients from all over the model (an area holds matrices of many
+layers), and hold them meanwhile. The volume is the reduce-scatter's. The
+buckets then only all-gather the new weights. At stage 1 (and on one rank) a
+matrix storage is one bucket, all-reduced: the full averaged gradient is kept
+there and ``p.grad`` views it.
 
 Areas are padded to a multiple of ``align_numel`` elements; the plan reports
 every padding element, the straddlers, their exchange volume and each rank's
@@ -131,7 +137,9 @@ class Storage:
     """``world_size`` equal areas of ``area_numel`` elements holding whole parameters.
 
     ``slots`` are sorted by offset. ``ns_owners[i]`` (matrix storages) is the rank
-    that orthogonalizes ``slots[i]``'s matrix.
+    that orthogonalizes ``slots[i]``'s matrix. ``reduce_per_matrix``: gradients
+    are reduced matrix by matrix to the ranks holding them (stage 2), not by
+    bucket; the buckets then only all-gather the new weights.
     """
 
     index: int
@@ -143,6 +151,7 @@ class Storage:
     world_size: int
     num_chunks: int = 1
     ns_owners: tuple[int, ...] = ()
+    reduce_per_matrix: bool = False
 
     @property
     def flat_numel(self) -> int:
@@ -176,6 +185,23 @@ class Storage:
         pieces = self.pieces(rank)
         return pieces[-1].region_offset + pieces[-1].numel if pieces else 0
 
+    @functools.cached_property
+    def _position(self) -> dict[int, int]:
+        return {slot.param: position for position, slot in enumerate(self.slots)}
+
+    def slot_offset(self, param: int) -> int:
+        return self.slots[self._position[param]].offset
+
+    def parts(self, param: int) -> list[tuple[int, int, int]]:
+        """``(rank, start, end)``: elements ``[start, end)`` of flattened ``param`` lie in ``rank``'s area."""
+        slot = self.slots[self._position[param]]
+        out = []
+        for rank in self.members(self._position[param]):
+            low = max(slot.offset, rank * self.area_numel)
+            high = min(slot.offset + slot.numel, (rank + 1) * self.area_numel)
+            out.append((rank, low - slot.offset, high - slot.offset))
+        return out
+
     def members(self, position: int) -> tuple[int, ...]:
         """Ranks whose areas hold part of ``slots[position]``."""
         slot = self.slots[position]
@@ -185,43 +211,28 @@ class Storage:
         last = (slot.offset + slot.numel - 1) // self.area_numel
         return tuple(range(first, last + 1))
 
-    def chunk_slots(self, chunks: Sequence[int]) -> tuple[Slot, ...]:
-        """Slots of the bucket made of chunk ``chunks[r]`` of each area ``r``."""
+    def chunk_slots(self, chunk: int) -> tuple[Slot, ...]:
+        """Slots of the bucket made of chunk ``chunk`` of every area."""
         size = self.chunk_numel
         out = []
-        for rank, chunk in enumerate(chunks):
+        for rank in range(self.world_size):
             start = rank * self.area_numel + chunk * size
             for piece in _pieces_in(self.slots, self._starts, start, start + size):
                 out.append(Slot(piece.param, rank * size + piece.region_offset, piece.numel, piece.param_offset))
         return tuple(out)
 
-    def chunk_last_params(self, rank: int) -> list[float]:
-        """For each chunk of ``rank``'s area, the lowest parameter index in it
-        (the one whose gradient arrives last in backward); ``inf`` if empty."""
-        size = self.chunk_numel
-        lowest = [math.inf] * self.num_chunks
-        for piece in self.pieces(rank):
-            first = piece.region_offset // size
-            last = (piece.region_offset + piece.numel - 1) // size
-            for chunk in range(first, last + 1):
-                lowest[chunk] = min(lowest[chunk], piece.param)
-        return lowest
-
 
 @dataclass(frozen=True)
 class Bucket:
-    """One collective over ``storage``: chunk ``chunks[r]`` of each area ``r``.
+    """One collective over ``storage``: chunk ``chunk`` of every area.
 
     Its flat buffer is ``world_size * region_numel`` elements; rank ``r``'s region
-    ``[r * region_numel, (r+1) * region_numel)`` is chunk ``chunks[r]`` of area
-    ``r``. Each rank may contribute a different chunk: the plan pairs chunks
-    that backward completes at about the same time, so the bucket's collective
-    can start while backward still runs.
+    ``[r * region_numel, (r+1) * region_numel)`` is chunk ``chunk`` of area ``r``.
     """
 
     index: int
     storage: Storage = field(repr=False, compare=False)
-    chunks: tuple[int, ...] = ()
+    chunk: int = 0
 
     @property
     def group(self) -> int:
@@ -247,15 +258,16 @@ class Bucket:
     def flat_numel(self) -> int:
         return self.region_numel * self.world_size
 
-    def area_offset(self, rank: int) -> int:
-        """Where ``rank``'s region of this bucket starts inside its storage area."""
-        return self.chunks[rank] * self.region_numel
+    @property
+    def area_offset(self) -> int:
+        """Where each rank's region of this bucket starts inside its storage area."""
+        return self.chunk * self.region_numel
 
     @functools.cached_property
     def slots(self) -> tuple[Slot, ...]:
         if self.storage.num_chunks == 1:
             return self.storage.slots
-        return self.storage.chunk_slots(self.chunks)
+        return self.storage.chunk_slots(self.chunk)
 
     @property
     def used_numel(self) -> int:
@@ -271,6 +283,15 @@ class Bucket:
     def pieces(self, rank: int) -> tuple[Piece, ...]:
         """Parameter pieces inside ``rank``'s region, in region order."""
         return _pieces_in(self.slots, [s.offset for s in self.slots], *self.region_bounds(rank))
+
+
+@dataclass(frozen=True)
+class ReduceUnit:
+    """One gradient reduction: bucket ``bucket``'s, or matrix ``param``'s (reduced to
+    the ranks whose areas hold it)."""
+
+    bucket: int | None = None
+    param: int | None = None
 
 
 @dataclass(frozen=True)
@@ -316,7 +337,7 @@ class ShardPlan:
 
     def fingerprint(self) -> str:
         """A digest of everything that must agree across ranks and checkpoints."""
-        buckets = tuple((b.index, b.storage.index, b.chunks) for b in self.buckets)
+        buckets = tuple((b.index, b.storage.index, b.chunk) for b in self.buckets)
         text = repr((self.world_size, self.params, self.storages, buckets))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -352,34 +373,35 @@ class ShardPlan:
                 total += sum(p for m, p in zip(straddler.members, straddler.parts) if m != rank)
         return total
 
-    def param_buckets(self) -> dict[int, list[tuple[int, int]]]:
-        """For each parameter, ``(bucket index, number of its slots in that bucket)``.
+    @functools.cached_property
+    def reduce_units(self) -> tuple[ReduceUnit, ...]:
+        """Gradient reductions in launch order (the order backward completes them).
 
-        Computed from the areas, without building every bucket's slot list (at
-        hundreds of ranks a matrix storage has millions of bucket slots).
+        A bucket of a storage without ``reduce_per_matrix`` is one unit; each
+        matrix of a storage with it is one. Every parameter is in exactly one unit.
         """
-        out: dict[int, dict[int, int]] = {}
-        by_storage: dict[int, list[Bucket]] = {}
+        keyed = []
         for bucket in self.buckets:
-            by_storage.setdefault(bucket.storage.index, []).append(bucket)
+            if not bucket.storage.reduce_per_matrix:
+                last = min((slot.param for slot in bucket.slots), default=0)
+                keyed.append((-last, 0, bucket.index, ReduceUnit(bucket=bucket.index)))
         for storage in self.storages:
-            buckets = by_storage[storage.index]
-            if storage.num_chunks == 1:
+            if storage.reduce_per_matrix:
                 for slot in storage.slots:
-                    out.setdefault(slot.param, {})[buckets[0].index] = 1
-                continue
-            size = storage.chunk_numel
-            for rank in range(self.world_size):
-                bucket_of = [0] * storage.num_chunks
-                for bucket in buckets:
-                    bucket_of[bucket.chunks[rank]] = bucket.index
-                for piece in storage.pieces(rank):
-                    counts = out.setdefault(piece.param, {})
-                    first = piece.region_offset // size
-                    last = (piece.region_offset + piece.numel - 1) // size
-                    for chunk in range(first, last + 1):
-                        counts[bucket_of[chunk]] = counts.get(bucket_of[chunk], 0) + 1
-        return {param: sorted(counts.items()) for param, counts in out.items()}
+                    keyed.append((-slot.param, 1, slot.param, ReduceUnit(param=slot.param)))
+        keyed.sort(key=lambda item: item[:3])
+        return tuple(item[3] for item in keyed)
+
+    def unit_numel(self, unit: ReduceUnit) -> int:
+        """Elements of the unit's gradient buffer (a bucket's flat, or the matrix)."""
+        if unit.bucket is not None:
+            return self.buckets[unit.bucket].flat_numel
+        return self._by_index[unit.param].numel
+
+    def unit_params(self, unit: ReduceUnit) -> tuple[int, ...]:
+        if unit.bucket is not None:
+            return tuple(dict.fromkeys(slot.param for slot in self.buckets[unit.bucket].slots))
+        return (unit.param,)
 
     def ns_matrices(self, rank: int) -> tuple[ParamInfo, ...]:
         """The matrices ``rank`` orthogonalizes, in storage order."""
@@ -464,10 +486,9 @@ class ShardPlan:
                 if self.matrix_layout == "whole":
                     assert all(len(storage.members(p)) == 1 for p in range(len(storage.slots)))
         assert seen == set(by_index), "some parameters are in no bucket"
-        for storage in self.storages:
-            mine = [b.chunks for b in self.buckets if b.storage.index == storage.index]
-            for rank in range(self.world_size):
-                assert sorted(chunks[rank] for chunks in mine) == list(range(storage.num_chunks))
+        chunks = sorted((b.storage.index, b.chunk) for b in self.buckets)
+        assert chunks == [(s.index, k) for s in self.storages for k in range(s.num_chunks)]
+        assert sorted(p for u in self.reduce_units for p in self.unit_params(u)) == sorted(by_index)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -539,7 +560,7 @@ def _balanced_matrix_storage(
     storage = Storage(index, group, Granularity.MATRIX, dtype, tuple(slots), area, world_size, num_chunks)
     owners = _straddler_owners(storage, {info.index: _ns_cost(info) for info in members})
     return Storage(index, group, Granularity.MATRIX, dtype, tuple(slots), area, world_size, num_chunks,
-                   tuple(owners))
+                   tuple(owners), reduce_per_matrix=chunked)
 
 
 def _cheap_boundaries(sequence: list[ParamInfo], area: int, world_size: int) -> list[ParamInfo]:
@@ -665,7 +686,8 @@ def _whole_matrix_storage(
     placed.sort(key=lambda item: item[0])
     slots = tuple(Slot(info.index, offset, info.numel) for offset, info, _ in placed)
     owners = tuple(rank for _, _, rank in placed)
-    return Storage(index, group, Granularity.MATRIX, dtype, slots, area, world_size, num_chunks, owners)
+    return Storage(index, group, Granularity.MATRIX, dtype, slots, area, world_size, num_chunks, owners,
+                   reduce_per_matrix=chunked)
 
 
 def plan_shards(
@@ -675,14 +697,16 @@ def plan_shards(
     bucket_numel: int = DEFAULT_BUCKET_NUMEL,
     align_numel: int = DEFAULT_ALIGN_NUMEL,
     matrix_layout: str = "balanced",
-    chunk_matrices: bool = True,
+    shard_gradients: bool = True,
 ) -> ShardPlan:
     """Place ``params`` in storages and cut them into ``world_size`` equal areas.
 
     Storages never mix param groups, dtypes or granularities. Elementwise
     storages hold at most ``bucket_numel`` elements unless one parameter alone is
-    larger; a matrix group is one storage, split into buckets of about
-    ``bucket_numel`` elements when ``chunk_matrices`` (stage 2). Buckets are
+    larger; a matrix group is one storage. With ``shard_gradients`` (stage 2 on
+    several ranks) a matrix storage reduces gradients matrix by matrix and
+    all-gathers in buckets of about ``bucket_numel`` elements; without (stage 1,
+    where ``p.grad`` views the full gradient) it is one bucket. Buckets are
     ordered by when backward completes them: the bucket whose earliest-registered
     parameter comes last is complete first.
     """
@@ -714,7 +738,7 @@ def plan_shards(
         if granularity is Granularity.MATRIX:
             build = _balanced_matrix_storage if matrix_layout == "balanced" else _whole_matrix_storage
             storages.append(build(index, group, dtype, members, world_size, align_numel, bucket_numel,
-                                  chunk_matrices))
+                                  shard_gradients))
         else:
             storages.append(_elementwise_storage(index, group, dtype, members, world_size, align_numel))
     buckets = _order_buckets(storages)
@@ -726,21 +750,16 @@ def plan_shards(
 def _order_buckets(storages: Sequence[Storage]) -> tuple[Bucket, ...]:
     """Buckets in the order backward completes them (the last-arriving parameter decides).
 
-    A storage of several chunks pairs, for bucket ``b``, the ``b``-th chunk of
-    each area to complete (ties by position): chunks that complete together
-    are reduced together, whatever their places in the areas.
+    Chunked storages reduce their gradients per matrix (:attr:`ShardPlan.reduce_units`);
+    their buckets only all-gather, after the step, in chunk order.
     """
     keyed = []
     for storage in storages:
         if storage.num_chunks == 1:
             last = min((slot.param for slot in storage.slots), default=0)
-            keyed.append((-last, storage.index, 0, storage, (0,) * storage.world_size))
-            continue
-        lowests = [storage.chunk_last_params(rank) for rank in range(storage.world_size)]
-        orders = [sorted(range(storage.num_chunks), key=lambda k, low=low: (-low[k], k)) for low in lowests]
-        for position in range(storage.num_chunks):
-            chunks = tuple(order[position] for order in orders)
-            last = min(low[k] for low, k in zip(lowests, chunks))
-            keyed.append((-last if last != math.inf else -math.inf, storage.index, position, storage, chunks))
+            keyed.append((-last, storage.index, 0, storage))
+        else:
+            last = min((slot.param for slot in storage.slots), default=0)
+            keyed.extend((-last, storage.index, k, storage) for k in range(storage.num_chunks))
     keyed.sort(key=lambda item: item[:3])
-    return tuple(Bucket(position, storage, chunks) for position, (_, _, _, storage, chunks) in enumerate(keyed))
+    return tuple(Bucket(position, storage, chunk) for position, (_, _, chunk, storage) in enumerate(keyed))

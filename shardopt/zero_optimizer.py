@@ -151,7 +151,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.keep_grad_flat = stage == 1 or not self.comm.active
         self.plan: ShardPlan = plan_shards(
             infos, self.comm.world_size, bucket_numel=bucket_numel, align_numel=DEFAULT_ALIGN_NUMEL,
-            matrix_layout=matrix_layout, chunk_matrices=not self.keep_grad_flat,
+            matrix_layout=matrix_layout, shard_gradients=not self.keep_grad_flat,
         )
         warn_if_padded(self.plan)
         _reject_ddp(self.params.values(), self.inner.param_label)
@@ -159,7 +159,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.storages = [self._make_storage(storage) for storage in self.plan.storages]
         self.buffers = [BucketBuffers(bucket, self.storages[bucket.storage.index]) for bucket in self.plan.buckets]
         self.reducer = GradientReducer(
-            self.plan, self.buffers, self.params, self.comm, stage=stage, overlap=overlap,
+            self.plan, self.buffers, self.storages, self.params, self.comm, overlap=overlap,
             label=self.inner.param_label, on_reduced=self._expose_grads,
         )
 
@@ -328,7 +328,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         param_flats = [s.param_flat for s in self.storages]
         separate = [s.master for s in self.storages if s.master_separate()]
         grads = [s.grad_flat if self.keep_grad_flat else s.grad_area for s in self.storages]
-        comm_buffers = [] if self.keep_grad_flat else [b.grad_flat for b in self.buffers]
+        comm_buffers = [] if self.keep_grad_flat else [b.grad_flat for b in self.buffers] + list(
+            self.reducer.matrix_grads.values())
         states: dict[str, int] = {}
         for buffers in self.storages:
             for name, tensor in buffers.states.items():

@@ -57,6 +57,11 @@ CASES += [
 ]
 
 
+def layout_of(plan: shardopt.ShardPlan) -> str:
+    """The plan's placement without parameter names (the planner names parameters differently)."""
+    return repr((plan.storages, [b.chunk for b in plan.buckets], plan.reduce_units))
+
+
 def precision_of(param_dtype: str, precision: str | tuple[str, str]) -> memory.Precision:
     if isinstance(precision, str):
         return memory.PRECISIONS[precision]
@@ -72,7 +77,7 @@ def _grad_window_probe(opt: shardopt.ZeroOptimizer, model: nn.Module) -> tuple[l
     def make_probe(name: str):
         def probe(_: torch.Tensor) -> None:
             order.append(name)
-            seen.append(sum(b.grad_flat.untyped_storage().nbytes() for b in opt.buffers if b.grad_flat is not None))
+            seen.append(opt.reducer.buffer_bytes())
 
         return probe
 
@@ -118,7 +123,7 @@ def measure(rank: int, world: int, case: tuple, group: object) -> dict[str, obje
              for g in opt.param_groups]
     return {
         "report": {k: report[k] for k in ("params", "grads", "master_params", "optimizer_states", "comm_buffers")},
-        "plan": opt.plan.fingerprint(),
+        "layout": layout_of(opt.plan),
         "specs": specs,
         "grad_copies": copies,
         "grad_window_peak": max(seen, default=0),

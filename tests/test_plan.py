@@ -102,7 +102,7 @@ def test_balanced_matrix_layout_gives_equal_areas_and_buckets_cover_each_element
         for slot in bucket.slots:
             covered.setdefault(slot.param, []).append((slot.param_offset, slot.numel))
             rank = slot.offset // bucket.region_numel
-            in_area = bucket.area_offset(rank) + slot.offset - rank * bucket.region_numel
+            in_area = bucket.area_offset + slot.offset - rank * bucket.region_numel
             storage_offset = rank * storage.area_numel + in_area
             param_start = next(s.offset for s in storage.slots if s.param == slot.param)
             assert storage_offset == param_start + slot.param_offset
@@ -122,18 +122,27 @@ def test_balanced_matrix_layout_gives_equal_areas_and_buckets_cover_each_element
         plan.param(s.param).numel > storage.area_numel for s in plan.straddlers)
 
 
-def test_param_buckets_agrees_with_bucket_slots():
+@pytest.mark.parametrize("shard_gradients", [True, False])
+def test_every_parameter_is_reduced_once_in_backward_order(shard_gradients):
     rng = random.Random(3)
     shapes = [(rng.randint(2, 40), rng.randint(2, 40)) for _ in range(23)]
     params = infos(shapes, Granularity.MATRIX) + [
         ParamInfo(23 + i, f"e{i}", s, "float32", 1) for i, s in enumerate(SHAPES)]
-    plan = plan_shards(params, 4, bucket_numel=64)
-    expected: dict[int, dict[int, int]] = {}
-    for bucket in plan.buckets:
-        for slot in bucket.slots:
-            counts = expected.setdefault(slot.param, {})
-            counts[bucket.index] = counts.get(bucket.index, 0) + 1
-    assert plan.param_buckets() == {p: sorted(c.items()) for p, c in expected.items()}
+    plan = plan_shards(params, 4, bucket_numel=64, shard_gradients=shard_gradients)
+    units = plan.reduce_units
+    reduced = [p for unit in units for p in plan.unit_params(unit)]
+    assert sorted(reduced) == list(range(len(params)))
+    lasts = [min(plan.unit_params(unit)) for unit in units]
+    assert lasts == sorted(lasts, reverse=True)
+    matrix_units = [u for u in units if u.param is not None]
+    # Stage 2 reduces each matrix on its own; stage 1 all-reduces the matrix storage as one bucket.
+    assert len(matrix_units) == (23 if shard_gradients else 0)
+    (storage,) = [s for s in plan.storages if s.granularity is Granularity.MATRIX]
+    assert storage.num_chunks > 1 if shard_gradients else storage.num_chunks == 1
+    for unit in matrix_units:
+        parts = storage.parts(unit.param)
+        assert parts[0][1] == 0 and parts[-1][2] == plan.param(unit.param).numel
+        assert all(a[2] == b[1] for a, b in zip(parts, parts[1:]))
 
 
 def test_plan_is_deterministic_and_fingerprinted():

@@ -1,0 +1,73 @@
+"""Distributed Muon on real gloo ranks against the single-process shardopt.Muon.
+
+One spawn per world size runs every program of ``muon_workers`` (a spawn costs
+seconds; the checks cost little).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import muon_workers as w
+import pytest
+from dist_harness import run_ranks
+
+PROGRAMS = ["equivalence", "semantics", "adamw_comm"]
+TOL = 1e-5  # fp32 Newton-Schulz; measured <= 6e-7
+
+
+@functools.cache
+def results(world_size: int) -> list[dict]:
+    return run_ranks(w.suite, world_size, PROGRAMS, timeout=300)
+
+
+def per_rank(world_size: int, program: str) -> list:
+    return [out[program] for out in results(world_size)]
+
+
+def _check_run(outs: list[dict], world_size: int, skipped_step: int | None = None) -> None:
+    for out in outs:
+        assert out["diff"] <= TOL
+        assert out["momentum_diff"] <= TOL
+        # The exchange moves exactly what the plan says, each step.
+        steps = w.STEPS - (skipped_step is not None)
+        assert out["exchange"] == out["planned_exchange"] // w.STEPS * steps
+    # Every matrix (each expert of the stack counted) is orthogonalized exactly once per
+    # step across all ranks; a skipped step orthogonalizes none.
+    for step in range(w.STEPS):
+        total = sum(out["orthogonalized"][step] for out in outs)
+        assert total == (0 if step == skipped_step else w.NUM_MATRICES), (step, total)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("variant", ["balanced-2-400", "balanced-1-400", "whole-2-400", "balanced-2-1048576"])
+def test_zero_muon_equals_single_process_muon(world_size, variant):
+    outs = [out[variant] for out in per_rank(world_size, "equivalence")]
+    _check_run(outs, world_size)
+    if variant.startswith("whole") or world_size == 1:
+        assert outs[0]["straddlers"] == 0
+    elif world_size > 1:
+        # The odd sizes make areas cut matrices: the exchange path is exercised.
+        assert outs[0]["straddlers"] > 0 or world_size == 3
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_clipping_nonfinite_skip_and_missing_gradients(world_size):
+    outs = per_rank(world_size, "semantics")
+    _check_run(outs, world_size, skipped_step=7)
+    assert all(out["skipped"] == [1] for out in outs)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_muon_moves_what_zero_adamw_moves(world_size):
+    for out in per_rank(world_size, "adamw_comm"):
+        adamw, muon = out["adamw"], out["muon"]
+        share = 4 * (world_size - 1) / world_size  # fp32 bytes a rank sends per element, ring model
+        padding = share * (out["adamw_padding"] + out["muon_padding"])
+        grads_adamw = adamw["reduce_scatter"]
+        grads_muon = muon.get("reduce_scatter", 0) + muon.get("reduce", 0)
+        assert abs(grads_muon - grads_adamw) <= padding
+        assert abs(muon["all_gather"] - adamw["all_gather"]) <= padding
+        # One 16-byte all-reduce (norm, non-finite count) each; Muon adds only its plan's exchange.
+        assert muon["all_reduce"] == adamw["all_reduce"]
+        assert muon.get("exchange", 0) == 4 * out["muon_exchange_planned"]
