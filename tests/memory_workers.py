@@ -46,14 +46,17 @@ class PlanNet(nn.Module):
 
 
 # (label, optimizer, stage, param dtype, precision name or (reduce, master), bucket_numel)
-CASES = [(f"{o}/stage{s}/fp32", o, s, "float32", "fp32", 256) for o in memory.OPTIMIZERS for s in (1, 2)]
+# (label, optimizer, stage, param dtype, precision, bucket_numel, Muon matrix_layout)
+CASES = [(f"{o}/stage{s}/fp32", o, s, "float32", "fp32", 256, "balanced") for o in memory.OPTIMIZERS for s in (1, 2)]
 CASES += [
-    ("adamw/stage2/mixed", "adamw", 2, "bfloat16", "mixed", 256),
-    ("adamw/stage1/mixed", "adamw", 1, "bfloat16", "mixed", 256),
-    ("muon/stage2/mixed", "muon", 2, "bfloat16", "mixed", 512),
-    ("adamw/stage1/bf16-fp32reduce", "adamw", 1, "bfloat16", ("float32", "float32"), 256),
-    ("lion/stage2/bf16", "lion", 2, "bfloat16", "bf16", 10_000),
-    ("adam/stage2/fp32-one-bucket", "adam", 2, "float32", "fp32", DEFAULT_BUCKET_NUMEL),
+    ("adamw/stage2/mixed", "adamw", 2, "bfloat16", "mixed", 256, "balanced"),
+    ("adamw/stage1/mixed", "adamw", 1, "bfloat16", "mixed", 256, "balanced"),
+    ("muon/stage2/mixed", "muon", 2, "bfloat16", "mixed", 512, "balanced"),
+    ("muon/stage2/mixed-whole", "muon", 2, "bfloat16", "mixed", 512, "whole"),
+    ("muon/stage1/fp32-whole", "muon", 1, "float32", "fp32", 512, "whole"),
+    ("adamw/stage1/bf16-fp32reduce", "adamw", 1, "bfloat16", ("float32", "float32"), 256, "balanced"),
+    ("lion/stage2/bf16", "lion", 2, "bfloat16", "bf16", 10_000, "balanced"),
+    ("adam/stage2/fp32-one-bucket", "adam", 2, "float32", "fp32", DEFAULT_BUCKET_NUMEL, "balanced"),
 ]
 
 
@@ -89,13 +92,14 @@ def _grad_window_probe(opt: shardopt.ZeroOptimizer, model: nn.Module) -> tuple[l
 
 
 def measure(rank: int, world: int, case: tuple, group: object) -> dict[str, object]:
-    label, optimizer, stage, dtype, precision, bucket_numel = case
+    label, optimizer, stage, dtype, precision, bucket_numel, layout = case
     torch.manual_seed(0)
     model = PlanNet().to(getattr(torch, dtype))
     cls, hp = memory.OPTIMIZERS[optimizer]
     params = shardopt.muon_param_groups(model) if optimizer == "muon" else model.parameters()
     opt = shardopt.ZeroOptimizer(params, cls, stage=stage, bucket_numel=bucket_numel, process_group=group,
-                                 precision=precision_of(dtype, precision).policy(), lr=1e-3, **hp)
+                                 precision=precision_of(dtype, precision).policy(), matrix_layout=layout,
+                                 lr=1e-3, **hp)
     trainable = [p for p in model.parameters() if p.requires_grad]
     seen, order = _grad_window_probe(opt, model)
     casts: list[int] = []

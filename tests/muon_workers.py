@@ -134,6 +134,32 @@ def semantics(rank: int, world: int) -> dict[str, object]:
     return _train(rank, world, model, ref, opt, ref_opt, clip=0.5, poison_step=7)
 
 
+def reshard(rank: int, world: int) -> dict[str, object]:
+    """A full state dict of a balanced-layout run loads into a whole-layout ZeroOptimizer
+    (a different plan) and into the single-process Muon; both then continue identically."""
+    model, ref, opt, ref_opt = _pair(bucket_numel=400)
+    _train(rank, world, model, ref, opt, ref_opt)
+    full = opt.full_state_dict(all_ranks=True)
+    moved, single = copy.deepcopy(model), copy.deepcopy(model)
+    moved_opt = shardopt.ZeroOptimizer(shardopt.muon_param_groups(moved), shardopt.Muon, matrix_layout="whole",
+                                       bucket_numel=256, **HP)
+    moved_opt.load_state_dict(full)
+    single_opt = shardopt.Muon(shardopt.muon_param_groups(single), **HP)
+    single_opt.load_state_dict(full)
+    for step in range(STEPS, STEPS + 3):
+        tokens = batch(step)
+        # Every parameter gets a gradient: the single-process optimizer skips one that has
+        # none, ZeroOptimizer treats it as zero (documented).
+        loss_of(moved, tokens.chunk(world)[rank], use_branch=True).backward()
+        moved_opt.step()
+        moved_opt.zero_grad()
+        total = sum(loss_of(single, part, use_branch=True) for part in tokens.chunk(world)) / world
+        total.backward()
+        single_opt.step()
+        single_opt.zero_grad()
+    return {"diff": max_diff(moved, single), "moved": max_diff(moved, model)}
+
+
 def adamw_comm(rank: int, world: int) -> dict[str, object]:
     """Bytes per step of ZeRO AdamW and of ZeRO Muon on the same model."""
     out = {}

@@ -253,15 +253,16 @@ def test_planner_equals_memory_report_on_every_rank(world_size):
     with torch.device("meta"):
         model = w.PlanNet()
     named = [(n, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()]
-    for label, optimizer, stage, dtype, precision, bucket_numel in w.CASES:
+    for label, optimizer, stage, dtype, precision, bucket_numel, layout in w.CASES:
         precision = w.precision_of(dtype, precision)
         got = [measured()[rank][world_size][label] for rank in range(world_size)]
         # Gradients arrive in autograd's order; the planner replays the reducer on it.
         arrival = got[0]["grad_arrival"]
         r = memory.estimate(model, optimizer=optimizer, precision=precision, zero_stage=stage, dp=world_size,
-                            bucket_numel=bucket_numel, grad_arrival=arrival)
+                            bucket_numel=bucket_numel, grad_arrival=arrival, matrix_layout=layout)
         infos, groups = memory.param_infos(named, optimizer, dtype)
-        plan, _ = memory.plan_rank_bytes(infos, groups, precision, stage, world_size, bucket_numel)
+        plan, _ = memory.plan_rank_bytes(infos, groups, precision, stage, world_size, bucket_numel,
+                                         matrix_layout=layout)
         for rank in range(world_size):
             planned, measured_rank = r.ranks[rank], got[rank]
             report = measured_rank["report"]
