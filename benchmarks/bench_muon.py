@@ -449,13 +449,14 @@ def _worker(rank: int, world: int, system: str, cfg: Config, run_dir: str) -> No
     ns_matrices_before = built.ns.counter() if built.ns else 0
     dist.barrier()
     net_before = bz.lo_bytes()
-    step_times, opt_times, ns_times, losses = [], [], [], []
+    step_times, opt_times, ns_times, ns_in_step, losses = [], [], [], [], []
     for step in range(cfg.warmup, cfg.warmup + cfg.steps):
         x = data(step)
         ns_before = built.ns.seconds if built.ns else 0.0
         start = time.perf_counter()
         loss = built.forward(x)
         built.backward(loss)
+        ns_at_step = built.ns.seconds if built.ns else 0.0
         step_start = time.perf_counter()
         built.step()
         step_end = time.perf_counter()
@@ -465,6 +466,7 @@ def _worker(rank: int, world: int, system: str, cfg: Config, run_dir: str) -> No
         opt_times.append(step_end - step_start)
         if built.ns:
             ns_times.append(built.ns.seconds - ns_before)
+            ns_in_step.append(built.ns.seconds - ns_at_step)
         losses.append(float(loss.detach()))
     dist.barrier()
     net_after = bz.lo_bytes()
@@ -484,6 +486,7 @@ def _worker(rank: int, world: int, system: str, cfg: Config, run_dir: str) -> No
         "step_times": step_times,
         "opt_times": opt_times,
         "ns_seconds": statistics.median(ns_times) if built.ns else None,
+        "ns_in_step_seconds": statistics.median(ns_in_step) if built.ns else None,
         "ns_matrices": ns_matrices,
         "losses": losses,
         "eval_loss": eval_loss,
@@ -510,6 +513,7 @@ class Run:
     step_times: list[float]  # rank 0's
     opt_times: list[float]  # rank 0's
     ns_per_rank: list[float] | None  # median NS seconds per step, per rank
+    ns_in_step_per_rank: list[float] | None  # the part of it inside opt.step() / engine.step()
     ns_matrices: float | None  # per step, summed over ranks
     wire_per_rank_step: float
     comm_per_rank_step: dict[str, float] | None  # mean over ranks
@@ -566,6 +570,7 @@ def run_once(system: str, world: int, cfg: Config) -> Run:
         step_times=zero["step_times"],
         opt_times=zero["opt_times"],
         ns_per_rank=[r["ns_seconds"] for r in ranks] if has_ns else None,
+        ns_in_step_per_rank=[r["ns_in_step_seconds"] for r in ranks] if has_ns else None,
         ns_matrices=sum(r["ns_matrices"] for r in ranks) if has_ns else None,
         wire_per_rank_step=zero["net_tx"] / world / steps,
         comm_per_rank_step=comm,
@@ -823,9 +828,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             detail = ", ".join(f"{k} {bz.mib(v)}" for k, v in run.state_parts.items() if v)
             print(f"{bullet}world {world}: {s} state MiB on its largest rank: {detail} ({run.note})")
         for s in systems:
-            ns = runs[s][0].ns_per_rank
-            if ns:
-                print(f"{bullet}world {world}: {s} NS ms/step per rank: " + ", ".join(f"{1e3 * t:.1f}" for t in ns))
+            run = runs[s][0]
+            if run.ns_per_rank and run.ns_in_step_per_rank:
+                print(f"{bullet}world {world}: {s} NS ms/step per rank (of which inside the optimizer step): "
+                      + ", ".join(f"{1e3 * t:.1f} ({1e3 * i:.1f})"
+                                  for t, i in zip(run.ns_per_rank, run.ns_in_step_per_rank)))
 
     print(f"\nColumns: opt step = rank 0's opt.step() (DeepSpeed: engine.step(), which excludes its Newton-Schulz: "
           "that runs in engine.backward()); step = forward + backward + step + zero_grad; both median over the "

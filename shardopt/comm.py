@@ -54,17 +54,17 @@ class _SumRegions:
 
 
 class _MeanOnWait:
-    """Completes a summing reduce: divides the result (on the destination) into a mean."""
+    """Completes a reduce to one rank: adds the received copies to its own and divides."""
 
-    def __init__(self, work: Any, result: Tensor | None, world_size: int) -> None:
-        self.work, self.result, self.world_size = work, result, world_size
+    def __init__(self, work: Any, received: Tensor, result: Tensor | None, world_size: int) -> None:
+        self.work, self.received, self.result, self.world_size = work, received, result, world_size
 
     def wait(self) -> bool:
         if self.work is not None:
             self.work.wait()
             if self.result is not None:
-                self.result.div_(self.world_size)
-            self.work = None
+                self.result.add_(self.received.view(self.world_size - 1, -1).sum(dim=0)).div_(self.world_size)
+            self.work = self.received = None
         return True
 
 
@@ -128,8 +128,16 @@ class Communicator:
             return _Done()
         self._count("reduce", self._share(tensor.numel() * tensor.element_size()))
         if self.gloo:
-            work = dist.reduce(tensor, self.global_rank(dst), op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-            done = _MeanOnWait(work, tensor if dst == self.rank else None, self.world_size)
+            # gloo's reduce moves more than the ideal (N-1) B in all (measured 1.5x at
+            # two ranks): the other ranks send their copies straight to dst (one
+            # all-to-all with only those parts non-empty), which sums them.
+            numel, mine = tensor.numel(), dst == self.rank
+            send = [numel if r == dst and not mine else 0 for r in range(self.world_size)]
+            receive = [numel if mine and r != dst else 0 for r in range(self.world_size)]
+            received = tensor.new_empty(sum(receive))
+            work = dist.all_to_all_single(received, tensor if not mine else tensor.new_empty(0), receive, send,
+                                          group=self.group, async_op=True)
+            done = _MeanOnWait(work, received, tensor if mine else None, self.world_size)
             if not async_op:
                 done.wait()
             return done

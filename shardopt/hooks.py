@@ -10,8 +10,15 @@ overlapping the rest of backward, as DDP's reducer does (Li et al. 2020,
 is its own unit: each of its parts is reduced to the rank whose area holds it
 (:attr:`ShardPlan.reduce_units` says why).
 
-Units are launched strictly in plan order: a unit that is complete waits
-for the ones before it. Ranks then issue the same collectives in the same
+Units are launched strictly in one order, the same on every rank: a unit
+that is complete waits for the ones before it. The first order is the plan's
+(by parameter index, which follows registration order within a param group
+but not across groups: a Muon setup numbers every matrix before the
+embedding). At the end of the first synchronised backward, every rank adopts
+the order in which rank 0's units completed (one broadcast, once), as DDP
+rebuilds its buckets after its first iteration (Li et al. 2020, section
+3.2.3): from the second step on, no unit waits behind one that completes at
+the end of backward. Ranks then issue the same collectives in the same
 order even when one of them got no gradient for some parameter (an unused
 branch on that rank only); those buckets launch at ``step()`` with zeros in
 place of the missing gradients.
@@ -72,6 +79,9 @@ class GradientReducer:
         self.num_pending = [len(plan.unit_params(unit)) for unit in self.units]
         self.arrived: set[int] = set()
         self.next_launch = 0
+        # Launch order (unit positions); ``completion`` records the first step's.
+        self.order = list(range(len(self.units)))
+        self.completion: list[int] | None = []
         # Matrix units: each matrix's local gradient (reduce dtype) until it is reduced.
         self.matrix_grads: dict[int, Tensor] = {}
         # (unit position, work) of launched reductions not yet waited for.
@@ -125,10 +135,12 @@ class GradientReducer:
         param.grad = None
         self.arrived.add(index)
         self.num_pending[position] -= 1
+        if self.num_pending[position] == 0 and self.completion is not None:
+            self.completion.append(position)
 
     def launch_ready(self) -> None:
-        while self.next_launch < len(self.units) and self.num_pending[self.next_launch] == 0:
-            self._launch(self.next_launch)
+        while self.next_launch < len(self.order) and self.num_pending[self.order[self.next_launch]] == 0:
+            self._launch(self.order[self.next_launch])
             self.next_launch += 1
 
     def _launch(self, position: int) -> None:
@@ -182,8 +194,18 @@ class GradientReducer:
         self.launch_ready()
         while self.in_flight:
             self._complete(*self.in_flight.pop(0))
+        if self.completion is not None:
+            self._adopt_order(self.completion)
         self.finished = True
         self.on_reduced()
+
+    def _adopt_order(self, completion: list[int]) -> None:
+        """Launch from now on in the order rank 0's units completed (same on all ranks)."""
+        device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
+        order = torch.tensor(completion, dtype=torch.int64, device=device)
+        self.comm.broadcast(order, src=0)
+        self.order = order.tolist()
+        self.completion = None
 
     def _complete(self, position: int, works: list[Any]) -> None:
         for work in works:

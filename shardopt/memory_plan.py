@@ -289,15 +289,21 @@ def muon_workspace(shapes: Sequence[tuple[int, ...]], hp: Mapping[str, Any], wid
 def reduce_window_numel(plan: ShardPlan, arrival: Sequence[int]) -> int:
     """Peak elements of gradient reduction buffers alive during a stage-2 backward.
 
-    Replays ``hooks.GradientReducer`` on the gradient ``arrival`` order (parameter
-    indices): a unit's buffer (a bucket's flat, or a Muon matrix's copy) exists
-    from its first gradient until its reduction is waited for; units launch
-    strictly in plan order once complete, and launching one more than
-    ``MAX_IN_FLIGHT`` waits for the oldest. A unit complete before the ones
-    ahead of it waits with its buffer alive.
+    Replays ``hooks.GradientReducer`` from its second step on, on the gradient
+    ``arrival`` order (parameter indices): units launch strictly in the order
+    they completed in the first step; a unit's buffer (a bucket's flat, or a
+    Muon matrix's copy) exists from its first gradient until its reduction is
+    waited for, and launching one more than ``MAX_IN_FLIGHT`` waits for the
+    oldest. (The first step launches in plan order and may hold more.)
     """
     units = plan.reduce_units
     unit_of = {param: position for position, unit in enumerate(units) for param in plan.unit_params(unit)}
+    pending = [len(plan.unit_params(unit)) for unit in units]
+    order = []
+    for index in arrival:
+        pending[unit_of[index]] -= 1
+        if pending[unit_of[index]] == 0:
+            order.append(unit_of[index])
     pending = [len(plan.unit_params(unit)) for unit in units]
     alive: dict[int, int] = {}
     in_flight: list[int] = []
@@ -306,8 +312,8 @@ def reduce_window_numel(plan: ShardPlan, arrival: Sequence[int]) -> int:
         position = unit_of[index]
         alive[position] = plan.unit_numel(units[position])
         pending[position] -= 1
-        while launched < len(pending) and pending[launched] == 0:
-            in_flight.append(launched)
+        while launched < len(order) and pending[order[launched]] == 0:
+            in_flight.append(order[launched])
             launched += 1
             while len(in_flight) > MAX_IN_FLIGHT:
                 alive.pop(in_flight.pop(0))
