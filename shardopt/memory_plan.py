@@ -237,11 +237,12 @@ def _state_bytes(specs: Sequence[StateSpec], share: _RankShare, group: int, wide
 
 
 def muon_workspace(shapes: Sequence[tuple[int, ...]], hp: Mapping[str, Any], wide: torch.dtype) -> int:
-    """Peak transient bytes of ``MuonRule.update`` over one rank's matrices (read from its code, not measured).
+    """Peak transient bytes of Muon's transform over one rank's matrices (read from its code, not measured).
 
-    ``shapes``: the matrices the rank owns in one Muon group, in the order
-    ``ZeroOptimizer._apply_rules`` passes them (plan bucket order, region order
-    inside a bucket). The rule orthogonalizes them in batches: same-shape groups
+    ``shapes``: the matrices the rank orthogonalizes in one Muon group, in
+    storage order (``matrix_step`` takes the ones inside its area in area
+    order, then the straddlers it owns; the straddlers' assembled inputs are
+    counted apart, as ``muon exchange``). The rule orthogonalizes them in batches: same-shape groups
     when ``ns_dtype`` is float32, otherwise one matrix at a time. Per batch of
     ``n`` parameters holding ``k`` matrices of ``rows x cols`` (``m = min``):
 
