@@ -36,7 +36,9 @@ DeepSpeed differences that its configuration cannot remove:
   each picks its own dtype from the accelerator (``original_muon.ns_compute_dtype``): on
   the CPU accelerator "standard" always runs in bf16, "gram" in fp16 where oneDNN supports
   fp16, else fp32. The benchmark takes the first of "standard", "gram" that runs in fp32
-  and prints the choice and its dtype; "gram" (Dao's Gram Newton-Schulz, the same
+  and prints the choice and its dtype (``--ns-dtype bfloat16``: the first that runs in bf16,
+  "standard" on CPU, against shardopt's bf16 iteration: the same algorithm in the same
+  dtype on both sides); "gram" (Dao's Gram Newton-Schulz, the same
   polynomial in exact arithmetic, iterating on X X^T with one restart, plain iteration for
   square matrices) rounds differently from shardopt's iteration. Where neither runs in fp32
   it falls back to "gram" in the accelerator's dtype, and the printed dtype says so.
@@ -102,7 +104,8 @@ The whole set of systems is repeated ``--repeats`` times, interleaved (A B C ...
 
 Usage, from the repository root::
 
-    python benchmarks/bench_muon.py --markdown          # world sizes 2 and 4, all systems
+    python benchmarks/bench_muon.py --markdown                      # world sizes 2 and 4, all systems
+    python benchmarks/bench_muon.py --markdown --ns-dtype bfloat16  # both sides' plain iteration in bf16
     python benchmarks/bench_muon.py --world-sizes 2 --steps 2 --warmup 1 --repeats 1 --preset tiny
 
 DeepSpeed's ``init_distributed`` JIT-builds a shared-memory op on first use (about a
@@ -183,6 +186,7 @@ class Config:
     threads: int
     seed: int
     timeout: float
+    ns_dtype: str = "float32"
 
     def model_config(self) -> GPTConfig:
         base = PRESETS[self.preset]
@@ -258,8 +262,9 @@ def _zero_state_parts(opt: Any) -> dict[str, int]:
     return {"master_params": report["master_params"], **report["optimizer_states"]}
 
 
-def build_shardopt_muon(model: torch.nn.Module, stage: int) -> Built:
-    opt = shardopt.ZeroOptimizer(shardopt.muon_param_groups(model), shardopt.Muon, stage=stage, **MUON_KWARGS)
+def build_shardopt_muon(model: torch.nn.Module, stage: int, ns_dtype: str) -> Built:
+    opt = shardopt.ZeroOptimizer(shardopt.muon_param_groups(model), shardopt.Muon, stage=stage,
+                                 **dict(MUON_KWARGS, ns_dtype=ns_dtype))
     timer = NsTimer()
     timer.wrap_rule(opt.inner.muon_rule)
     return Built(
@@ -287,11 +292,11 @@ def build_shardopt_adamw(model: torch.nn.Module) -> Built:
     )
 
 
-def build_naive_muon(model: torch.nn.Module) -> Built:
+def build_naive_muon(model: torch.nn.Module, ns_dtype: str) -> Built:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ddp = DDP(model)
-    opt = shardopt.Muon(shardopt.muon_param_groups(ddp.module), **MUON_KWARGS)
+    opt = shardopt.Muon(shardopt.muon_param_groups(ddp.module), **dict(MUON_KWARGS, ns_dtype=ns_dtype))
     timer = NsTimer()
     timer.wrap_rule(opt.muon_rule)
     return Built(
@@ -305,17 +310,18 @@ def build_naive_muon(model: torch.nn.Module) -> Built:
     )
 
 
-def deepspeed_ns_method() -> tuple[str, torch.dtype]:
-    """The ns_method whose Newton-Schulz runs in fp32 on this accelerator, preferring the plain iteration."""
+def deepspeed_ns_method(ns_dtype: str) -> tuple[str, torch.dtype]:
+    """The ns_method whose Newton-Schulz runs in ``ns_dtype`` on this accelerator, preferring the plain iteration."""
     from deepspeed.runtime.zero.muon import original_muon
 
+    wanted = getattr(torch, ns_dtype)
     for method in ("standard", "gram"):
-        if original_muon.ns_compute_dtype(method) == torch.float32:
-            return method, torch.float32
+        if original_muon.ns_compute_dtype(method) == wanted:
+            return method, wanted
     return "gram", original_muon.ns_compute_dtype("gram")
 
 
-def build_deepspeed_muon(model: torch.nn.Module, stage: int, batch: int) -> Built:
+def build_deepspeed_muon(model: torch.nn.Module, stage: int, batch: int, ns_dtype: str) -> Built:
     import deepspeed
     from deepspeed.runtime.zero.muon import original_muon
 
@@ -323,7 +329,7 @@ def build_deepspeed_muon(model: torch.nn.Module, stage: int, batch: int) -> Buil
     muon_ids = {id(p) for group in groups for p in group["params"] if group["use_muon"]}
     for param in model.parameters():
         param.use_muon = id(param) in muon_ids
-    ns_method, ns_dtype = deepspeed_ns_method()
+    ns_method, ns_dtype_used = deepspeed_ns_method(ns_dtype)
     config = {
         "train_micro_batch_size_per_gpu": batch,
         "gradient_accumulation_steps": 1,
@@ -368,17 +374,17 @@ def build_deepspeed_muon(model: torch.nn.Module, stage: int, batch: int) -> Buil
         state_parts=state_parts,
         ns=timer,
         note=f"engine.optimizer.optimizer.state + single_partition_of_fp32_groups + _muon_pending_momentum; "
-        f"ns_method {ns_method!r} in {str(ns_dtype).removeprefix('torch.')}",
+        f"ns_method {ns_method!r} in {str(ns_dtype_used).removeprefix('torch.')}",
     )
 
 
 def build(system: str, model: torch.nn.Module, cfg: Config) -> Built:
     if system in ("shardopt-muon", "shardopt-muon-z1"):
-        return build_shardopt_muon(model, stage=1 if system.endswith("z1") else 2)
+        return build_shardopt_muon(model, stage=1 if system.endswith("z1") else 2, ns_dtype=cfg.ns_dtype)
     if system == "naive-muon":
-        return build_naive_muon(model)
+        return build_naive_muon(model, cfg.ns_dtype)
     if system in DEEPSPEED_SYSTEMS:
-        return build_deepspeed_muon(model, int(system[-1]), cfg.batch)
+        return build_deepspeed_muon(model, int(system[-1]), cfg.batch, cfg.ns_dtype)
     if system == "shardopt-adamw":
         return build_shardopt_adamw(model)
     raise ValueError(system)
@@ -706,6 +712,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {', '.join(SYSTEMS)}")
     parser.add_argument("--preset", default="bench", choices=sorted(PRESETS), help="model preset (default bench)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run (default 10)")
+    parser.add_argument("--ns-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="Newton-Schulz dtype of shardopt; DeepSpeed takes its iteration that runs in it")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every system (default 3)")
     parser.add_argument("--batch", type=int, default=1, help="sequences per rank per step (default 1)")
@@ -756,7 +764,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not systems:
         raise SystemExit("no systems to run")
 
-    cfg = Config(args.preset, args.seq, args.batch, args.warmup, args.steps, args.threads, args.seed, args.timeout)
+    cfg = Config(args.preset, args.seq, args.batch, args.warmup, args.steps, args.threads, args.seed, args.timeout,
+                 args.ns_dtype)
     gpt_config = cfg.model_config()
     torch.manual_seed(args.seed)
     reference_model = GPT(gpt_config)
@@ -773,7 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{len(muon_params)} matrices, {sum(p.numel() for p in muon_params):,} elements")
     print(f"data: {corpus_note}; micro-batch {args.batch} x {gpt_config.seq_len} tokens per rank per step")
     print(f"Muon: lr {MUON_LR}, momentum {MOMENTUM} (Nesterov), weight_decay {WEIGHT_DECAY}, {NS_STEPS} "
-          f"Newton-Schulz steps (Jordan's coefficients), shardopt ns_dtype float32; AdamW half: lr {ADAMW_LR}, "
+          f"Newton-Schulz steps (Jordan's coefficients), shardopt ns_dtype {args.ns_dtype}; AdamW half: lr {ADAMW_LR}, "
           f"betas {BETAS}, eps {EPS}, weight_decay {WEIGHT_DECAY}; shardopt-adamw: AdamW lr {ADAMW_LR} on all; "
           f"no clipping; seed {args.seed}")
     print(f"method: each run = fresh spawn of `world` gloo ranks (127.0.0.1, FileStore), {args.threads} torch "

@@ -170,7 +170,8 @@ def corpus() -> tuple[torch.Tensor, str]:
             break
     data = b"".join(chunks)
     tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-    return tokens, f"{len(data):,} bytes of {used} stdlib .py files under {stdlib}"
+    version = sysconfig.get_python_version()
+    return tokens, f"{len(data):,} bytes of {used} .py files of Python {version}'s standard library"
 
 
 def batch_for(tokens: torch.Tensor, seed: int, step: int, rank: int, batch: int, seq: int) -> torch.Tensor:

@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "model": "tiny",
     "optimizer": "muon",
     "stage": 2,
+    "matrix_layout": "balanced",  # Muon under ZeRO: "balanced" or "whole" (see the README)
     "steps": 500,
     "batch_size": 16,
     "seq_len": 128,
@@ -161,6 +162,7 @@ def build_optimizer(model: torch.nn.Module, config: dict[str, Any]) -> shardopt.
     hyperparameters = {k: tuple(v) if isinstance(v, list) else v for k, v in hyperparameters.items()}
     params = shardopt.muon_param_groups(model) if optimizer_class is shardopt.Muon else model.parameters()
     return shardopt.ZeroOptimizer(params, optimizer_class, stage=config["stage"],
+                                  matrix_layout=config["matrix_layout"],
                                   max_grad_norm=config["max_grad_norm"] or None, **hyperparameters)
 
 

@@ -20,7 +20,7 @@ from .rules.base import StateShape
 if TYPE_CHECKING:
     from .zero_optimizer import ZeroOptimizer
 
-SHARDED_FORMAT = "shardopt-sharded-v1"
+SHARDED_FORMAT = "shardopt-sharded-v2"  # v2: states per storage area
 
 
 def _param_groups(opt: ZeroOptimizer) -> list[dict[str, Any]]:

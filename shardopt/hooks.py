@@ -122,8 +122,13 @@ class GradientReducer:
         unit = self.units[position]
         if unit.bucket is None:
             dtype = self.storage_of[index].reduce_dtype
-            target = torch.empty(param.numel(), dtype=dtype, device=param.device)
-            self.matrix_grads[index] = target.zero_() if grad is None else target.copy_(grad)
+            if grad is not None and grad.dtype == dtype and grad.is_contiguous():
+                # Reduced from autograd's own buffer: p.grad is dropped below, so
+                # nothing else writes it, and a copy would only cost time.
+                self.matrix_grads[index] = grad
+            else:
+                target = torch.empty(param.numel(), dtype=dtype, device=param.device)
+                self.matrix_grads[index] = target.zero_() if grad is None else target.copy_(grad)
         else:
             flat = self.buffers[unit.bucket].ensure_grad_flat()
             for slot in self.slots[index]:

@@ -58,7 +58,6 @@ def matrix_step(
     pieces = {piece.param: piece for piece in storage.pieces(rank)}
     straddlers = [s for s in plan.straddlers if s.storage == storage.index]
     shape_of = {slot.param: plan.param(slot.param).shape for slot in storage.slots}
-    start_of = {slot.param: slot.offset for slot in storage.slots}
 
     def direction(piece: Piece) -> Tensor:
         at, numel = piece.region_offset, piece.numel
@@ -66,10 +65,7 @@ def matrix_step(
 
     def part_bounds(param: int, member: int) -> tuple[int, int]:
         """``[start, end)`` of ``param``'s flattened elements in ``member``'s area."""
-        start, numel = start_of[param], plan.param(param).numel
-        low = max(start, member * storage.area_numel)
-        high = min(start + numel, (member + 1) * storage.area_numel)
-        return low - start, high - start
+        return next((low, high) for rank, low, high in storage.parts(param) if rank == member)
 
     # Exchange 1: members send their slices of the directions to the owner.
     assembled: dict[int, Tensor] = {}

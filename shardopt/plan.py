@@ -348,14 +348,10 @@ class ShardPlan:
             if storage.granularity is not Granularity.MATRIX:
                 continue
             for position, slot in enumerate(storage.slots):
-                members = storage.members(position)
-                if len(members) > 1:
-                    parts = tuple(
-                        min(slot.offset + slot.numel, (r + 1) * storage.area_numel)
-                        - max(slot.offset, r * storage.area_numel)
-                        for r in members
-                    )
-                    found.append(Straddler(slot.param, storage.index, members, storage.ns_owners[position], parts))
+                parts = storage.parts(slot.param)
+                if len(parts) > 1:
+                    found.append(Straddler(slot.param, storage.index, tuple(rank for rank, _, _ in parts),
+                                           storage.ns_owners[position], tuple(high - low for _, low, high in parts)))
         return tuple(found)
 
     def exchange_numel(self, rank: int) -> int:
@@ -527,9 +523,6 @@ def _balanced_matrix_storage(
     index: int, group: int, dtype: str, members: Sequence[ParamInfo], world_size: int,
     align_numel: int, bucket_numel: int, chunked: bool,
 ) -> Storage:
-    # Deal the matrices, in backward order, each to the least-filled list: every
-    # list then fills at the same pace, so position j of every area holds
-    # gradients that arrive at about the same time (chunk k completes early).
     # Deal the matrices to N lists by Newton-Schulz cost, costliest first, each to
     # the list with the least cost so far (LPT, Graham 1969): cost balances as in
     # the whole layout; the cut below then evens the elements, moving only the
@@ -572,7 +565,7 @@ def _cheap_boundaries(sequence: list[ParamInfo], area: int, world_size: int) -> 
     neighbouring boundaries may move into the crossing position (moves stay
     inside that span, so no other boundary changes); the crossing that moves
     the least cost (cost times the share outside its largest part) wins, the
-    original order on ties. Arrival order changes by a few matrices at most.
+    original order on ties.
     """
     sequence = list(sequence)
     window = 4
