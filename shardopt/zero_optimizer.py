@@ -5,13 +5,15 @@ Toward Training Trillion Parameter Models", sections 5.1-5.2)::
 
     backward   hooks copy each gradient into its bucket; a complete bucket starts
                an async reduce-scatter (stage 2) or all-reduce (stage 1), mean over ranks
+               (a Muon matrix at stage 2: a reduce of each part to the rank holding it)
     step()     wait; one all-reduce of [sum of squared gradients, non-finite count];
                skip the step everywhere if any gradient is not finite; clip by the
-               global norm; run the update rule on this rank's region (fp32 master
-               weights and states); all-gather every bucket's parameters in place
+               global norm; run the update rule on this rank's area (fp32 master
+               weights and states; Muon: :mod:`shardopt.matrix_step`); all-gather
+               every bucket's parameters in place
 
-Model parameters are views of the bucket buffers, so the all-gather updates
-the model without a copy. Do not wrap the model in DistributedDataParallel:
+Model parameters are views of the storages (:mod:`shardopt.plan`), so the
+all-gather updates the model without a copy. Do not wrap the model in DistributedDataParallel:
 this optimizer averages the gradients itself (DDP would average them twice over
 the wire, 1.5x the traffic, for the same result).
 
