@@ -191,17 +191,24 @@ def estimate(
     best = None
     for stage, named in source.stages.items():
         infos, groups = param_infos(named, optimizer, precision.param, hyperparameters)
-        plan, ranks = plan_rank_bytes(infos, groups, precision, zero_stage, dp, bucket_numel,
-                                      _arrival(infos, named, arch, grad_arrival), matrix_layout)
+        arrival = _arrival(infos, named, arch, grad_arrival)
+        plan, ranks = plan_rank_bytes(infos, groups, precision, zero_stage, dp, bucket_numel, arrival, matrix_layout)
         acts = {} if arch is None else act.activation_bytes(
             arch, seq_len=seq_len, micro_batch=micro_batch, tp=tp, pp=pp, stage=stage,
             sequence_parallel=sequence_parallel, recompute=recompute)
         busiest = max(ranks, key=lambda r: (r.total, -r.rank))
-        candidate = (busiest.total + sum(acts.values()), stage, busiest, ranks, acts, plan, infos, groups)
+        candidate = (busiest.total + sum(acts.values()), stage, busiest, ranks, acts, plan, infos, groups, arrival)
         if best is None or candidate[0] > best[0]:
             best = candidate
-    _, stage, busiest, ranks, acts, plan, infos, groups = best
+    _, stage, busiest, ranks, acts, plan, infos, groups, arrival = best
     notes += _plan_notes(plan, dp)
+    if zero_stage >= 2 and plan.world_size > 1:
+        first, steady = (reduce_window_numel(plan, arrival, first_step=first_step) for first_step in (True, False))
+        if first > 1.5 * steady:
+            item = itemsize(precision.reduce)
+            notes.append(f"the first step launches gradient reductions in the plan's order, before every rank "
+                         f"adopts rank 0's: its reduce window is {first * item / 1e9:.2f} GB, not "
+                         f"{steady * item / 1e9:.2f} GB")
     settings = {"seq_len": seq_len, "micro_batch": micro_batch, "recompute": recompute,
                 "sequence_parallel": sequence_parallel, "bucket_numel": bucket_numel,
                 "matrix_layout": matrix_layout,

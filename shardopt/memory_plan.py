@@ -287,25 +287,27 @@ def muon_workspace(shapes: Sequence[tuple[int, ...]], hp: Mapping[str, Any], wid
             stale_stack, stale_ortho, last_outputs = stack, numel * s, 0
     return peak
 
-def reduce_window_numel(plan: ShardPlan, arrival: Sequence[int]) -> int:
+def reduce_window_numel(plan: ShardPlan, arrival: Sequence[int], *, first_step: bool = False) -> int:
     """Peak elements of gradient reduction buffers alive during a stage-2 backward.
 
-    Replays ``hooks.GradientReducer`` from its second step on, on the gradient
-    ``arrival`` order (parameter indices): units launch strictly in the order
-    they completed in the first step; a unit's buffer (a bucket's flat, or a
-    Muon matrix's copy) exists from its first gradient until its reduction is
-    waited for, and launching one more than ``MAX_IN_FLIGHT`` waits for the
-    oldest. (The first step launches in plan order and may hold more.)
+    Replays ``hooks.GradientReducer`` on the gradient ``arrival`` order (parameter
+    indices): units launch strictly in one order, in the plan's in the first
+    step (``first_step``) and from the second on in the order they completed
+    in the first; a unit's buffer (a bucket's flat, or a Muon matrix's copy)
+    exists from its first gradient until its reduction is waited for, and
+    launching one more than ``MAX_IN_FLIGHT`` waits for the oldest.
     """
     units = plan.reduce_units
     unit_of = {param: position for position, unit in enumerate(units) for param in plan.unit_params(unit)}
     pending = [len(plan.unit_params(unit)) for unit in units]
-    order = []
-    for index in arrival:
-        pending[unit_of[index]] -= 1
-        if pending[unit_of[index]] == 0:
-            order.append(unit_of[index])
-    pending = [len(plan.unit_params(unit)) for unit in units]
+    order = list(range(len(units)))
+    if not first_step:
+        order = []
+        for index in arrival:
+            pending[unit_of[index]] -= 1
+            if pending[unit_of[index]] == 0:
+                order.append(unit_of[index])
+        pending = [len(plan.unit_params(unit)) for unit in units]
     alive: dict[int, int] = {}
     in_flight: list[int] = []
     launched = peak = 0

@@ -371,22 +371,45 @@ class ShardPlan:
 
     @functools.cached_property
     def reduce_units(self) -> tuple[ReduceUnit, ...]:
-        """Gradient reductions in launch order (the order backward completes them).
+        """Gradient reductions in the order backward is expected to complete them.
 
         A bucket of a storage without ``reduce_per_matrix`` is one unit; each
-        matrix of a storage with it is one. Every parameter is in exactly one unit.
+        matrix of a storage with it is one. Every parameter is in exactly one
+        unit. The runtime launches in this order in its first step only, then
+        in the order rank 0 saw (:mod:`shardopt.hooks`); the guess must still be
+        good, as a unit waiting for a late one holds every later gradient.
         """
         keyed = []
         for bucket in self.buckets:
             if not bucket.storage.reduce_per_matrix:
-                last = min((slot.param for slot in bucket.slots), default=0)
-                keyed.append((-last, 0, bucket.index, ReduceUnit(bucket=bucket.index)))
+                params = {slot.param for slot in bucket.slots}
+                keyed.append((-min(self._depth[p] for p in params), -min(params), 0, bucket.index,
+                              ReduceUnit(bucket=bucket.index)))
         for storage in self.storages:
             if storage.reduce_per_matrix:
                 for slot in storage.slots:
-                    keyed.append((-slot.param, 1, slot.param, ReduceUnit(param=slot.param)))
-        keyed.sort(key=lambda item: item[:3])
-        return tuple(item[3] for item in keyed)
+                    keyed.append((-self._depth[slot.param], -slot.param, 1, slot.param, ReduceUnit(param=slot.param)))
+        keyed.sort(key=lambda item: item[:4])
+        return tuple(item[4] for item in keyed)
+
+    @functools.cached_property
+    def _depth(self) -> dict[int, float]:
+        """Each parameter's place in its param group, in (0, 1]: the group's last is 1.
+
+        Indices run group by group (a Muon setup numbers every matrix before the
+        embedding); inside a group they follow the order the parameters were
+        listed, usually the model's. Gradients arrive in about the reverse of
+        that order in every group at once, so the place inside the group
+        predicts arrival where the index across groups does not.
+        """
+        groups: dict[int, list[int]] = {}
+        for info in self.params:
+            groups.setdefault(info.group, []).append(info.index)
+        depth = {}
+        for indices in groups.values():
+            for place, index in enumerate(sorted(indices)):
+                depth[index] = (place + 1) / len(indices)
+        return depth
 
     def unit_numel(self, unit: ReduceUnit) -> int:
         """Elements of the unit's gradient buffer (a bucket's flat, or the matrix)."""

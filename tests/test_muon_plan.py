@@ -88,3 +88,23 @@ def test_matrix_buckets_stay_near_bucket_numel(world_size):
     matrix = [b for b in plan.buckets if b.granularity is Granularity.MATRIX]
     assert len(matrix) > 1000
     assert max(b.flat_numel for b in matrix) <= DEFAULT_BUCKET_NUMEL + world_size * plan.align_numel
+
+
+def test_the_first_steps_reduction_order_holds_little_more_than_later_steps():
+    # ZeroOptimizer numbers a Muon setup's parameters group by group (every matrix
+    # before the embedding, whose gradient arrives last); the first step launches in
+    # the plan's order, so that order must interleave the groups as backward does.
+    from shardopt import memory
+    from shardopt.memory_plan import reduce_window_numel
+
+    arch, _ = presets.resolve("llama2-70b")
+    named = [(name, tuple(shape), True) for name, shape in presets.param_shapes(arch)]
+    infos, _ = memory.param_infos(named, "muon", "bfloat16")
+    assert [i.group for i in infos] == sorted(i.group for i in infos)  # group-major numbering
+    index = {info.name: info.index for info in infos}
+    arrival = [index[name] for name in presets.backward_order([n for n, _, _ in named])]
+    plan = plan_shards(infos, 64)
+    first = reduce_window_numel(plan, arrival, first_step=True)
+    steady = reduce_window_numel(plan, arrival)
+    total = sum(info.numel for info in infos)
+    assert first <= 2 * steady and first < 0.02 * total, (first, steady, total)

@@ -132,7 +132,13 @@ def test_every_parameter_is_reduced_once_in_backward_order(shard_gradients):
     units = plan.reduce_units
     reduced = [p for unit in units for p in plan.unit_params(unit)]
     assert sorted(reduced) == list(range(len(params)))
-    lasts = [min(plan.unit_params(unit)) for unit in units]
+    # Launch order: by each unit's last-arriving parameter, measured by its place in its
+    # own param group (groups are numbered one after the other, backward runs through all).
+    depth = {}
+    for group in {p.group for p in params}:
+        members = sorted(p.index for p in params if p.group == group)
+        depth.update({index: (place + 1) / len(members) for place, index in enumerate(members)})
+    lasts = [min(depth[p] for p in plan.unit_params(unit)) for unit in units]
     assert lasts == sorted(lasts, reverse=True)
     matrix_units = [u for u in units if u.param is not None]
     # Stage 2 reduces each matrix on its own; stage 1 all-reduces the matrix storage as one bucket.
