@@ -11,14 +11,12 @@ is its own unit: each of its parts is reduced to the rank whose area holds it
 (:attr:`ShardPlan.reduce_units` says why).
 
 Units are launched strictly in one order, the same on every rank: a unit
-that is complete waits for the ones before it. The first order is the plan's
-(by parameter index, which follows registration order within a param group
-but not across groups: a Muon setup numbers every matrix before the
-embedding). At the end of the first synchronised backward, every rank adopts
-the order in which rank 0's units completed (one broadcast, once), as DDP
-rebuilds its buckets after its first iteration (Li et al. 2020, section
-3.2.3): from the second step on, no unit waits behind one that completes at
-the end of backward. Ranks then issue the same collectives in the same
+that is complete waits for the ones before it. The first step uses the plan's
+guess (:attr:`ShardPlan.reduce_units`: each parameter's place inside its param
+group, since indices run group by group). At the end of the first
+synchronised backward, every rank adopts the order in which rank 0's units
+completed (one broadcast, once), as DDP rebuilds its buckets after its first
+iteration (Li et al. 2020, section 3.2.3). Ranks then issue the same collectives in the same
 order even when one of them got no gradient for some parameter (an unused
 branch on that rank only); those buckets launch at ``step()`` with zeros in
 place of the missing gradients.

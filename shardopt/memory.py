@@ -204,11 +204,12 @@ def estimate(
     notes += _plan_notes(plan, dp)
     if zero_stage >= 2 and plan.world_size > 1:
         first, steady = (reduce_window_numel(plan, arrival, first_step=first_step) for first_step in (True, False))
-        if first > 1.5 * steady:
-            item = itemsize(precision.reduce)
-            notes.append(f"the first step launches gradient reductions in the plan's order, before every rank "
-                         f"adopts rank 0's: its reduce window is {first * item / 1e9:.2f} GB, not "
-                         f"{steady * item / 1e9:.2f} GB")
+        item = itemsize(precision.reduce)
+        # Worth a note only where it could decide whether the job fits.
+        if (first - steady) * item > 0.01 * busiest.total:
+            notes.append(f"{optimizer} ZeRO-{zero_stage} dp={dp}: the first step launches gradient reductions in "
+                         f"the plan's order, before every rank adopts rank 0's: its reduce window is "
+                         f"{first * item / 1e9:.2f} GB, not {steady * item / 1e9:.2f} GB")
     settings = {"seq_len": seq_len, "micro_batch": micro_batch, "recompute": recompute,
                 "sequence_parallel": sequence_parallel, "bucket_numel": bucket_numel,
                 "matrix_layout": matrix_layout,
