@@ -160,6 +160,28 @@ def reshard(rank: int, world: int) -> dict[str, object]:
     return {"diff": max_diff(moved, single), "moved": max_diff(moved, model)}
 
 
+def bf16(rank: int, world: int) -> dict[str, object]:
+    """bf16 parameters with fp32 master weights (straddlers, chunked all-gather) track fp32 Muon."""
+    torch.manual_seed(0)
+    ref = MuonNet()
+    model = copy.deepcopy(ref).to(torch.bfloat16)
+    opt = shardopt.ZeroOptimizer(shardopt.muon_param_groups(model), shardopt.Muon, bucket_numel=400, **HP)
+    ref_opt = shardopt.Muon(shardopt.muon_param_groups(ref), **HP)
+    start = copy.deepcopy(ref)
+    for step in range(STEPS):
+        tokens = batch(step)
+        loss_of(model, tokens.chunk(world)[rank], use_branch=True).backward()
+        opt.step()
+        opt.zero_grad()
+        total = sum(loss_of(ref, part, use_branch=True) for part in tokens.chunk(world)) / world
+        total.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    return {"diff": max((a.float() - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters())),
+            "moved": max_diff(ref, start), "master_bytes": opt.memory_report()["master_params"],
+            "straddlers": len(opt.plan.straddlers)}
+
+
 def adamw_comm(rank: int, world: int) -> dict[str, object]:
     """Bytes per step of ZeRO AdamW and of ZeRO Muon on the same model."""
     out = {}
