@@ -20,6 +20,7 @@ storages at stage 2 reduce per matrix instead: :mod:`shardopt.hooks`.)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -108,6 +109,7 @@ class BucketBuffers:
     def release_grad_flat(self) -> None:
         self.grad_flat = None
 
+    @functools.cached_property
     def param_chunks(self) -> list[Tensor]:
         """Each rank's chunk of the parameters, as views of the storage (all-gather output)."""
         size, area, offset = self.bucket.region_numel, self.owner.storage.area_numel, self.bucket.area_offset

@@ -38,32 +38,28 @@ class _Done:
         return True
 
 
-class _SumRegions:
-    """Completes an all-to-all reduce-scatter: mean of the received regions."""
-
-    def __init__(self, work: Any, received: Tensor, output: Tensor, world_size: int) -> None:
-        self.work, self.received, self.output, self.world_size = work, received, output, world_size
-
-    def wait(self) -> bool:
-        if self.received is not None:
-            self.work.wait()
-            torch.sum(self.received.view(self.world_size, -1), dim=0, out=self.output)
-            self.output.div_(self.world_size)
-            self.received = None
-        return True
-
-
 class _MeanOnWait:
-    """Completes a reduce to one rank: adds the received copies to its own and divides."""
+    """Completes a reduction done by an all-to-all: the mean of the received copies.
 
-    def __init__(self, work: Any, received: Tensor, result: Tensor | None, world_size: int) -> None:
-        self.work, self.received, self.result, self.world_size = work, received, result, world_size
+    ``received`` holds the other ranks' copies, one after the other; with
+    ``add_output`` the output already holds this rank's own copy, which joins them.
+    """
+
+    def __init__(self, work: Any, received: Tensor, output: Tensor | None, world_size: int,
+                 *, add_output: bool) -> None:
+        self.work, self.received, self.output, self.world_size = work, received, output, world_size
+        self.add_output = add_output
 
     def wait(self) -> bool:
         if self.work is not None:
             self.work.wait()
-            if self.result is not None:
-                self.result.add_(self.received.view(self.world_size - 1, -1).sum(dim=0)).div_(self.world_size)
+            if self.output is not None and self.output.numel():
+                copies = self.received.view(-1, self.output.numel())
+                if self.add_output:
+                    self.output.add_(copies.sum(dim=0))
+                else:
+                    torch.sum(copies, dim=0, out=self.output)
+                self.output.div_(self.world_size)
             self.work = self.received = None
         return True
 
@@ -109,7 +105,7 @@ class Communicator:
             # ((N-1)/N of the buffer, the ideal) and the owner sums locally.
             received = torch.empty_like(flat)
             work = dist.all_to_all_single(received, flat, group=self.group, async_op=True)
-            done = _SumRegions(work, received, output, self.world_size)
+            done = _MeanOnWait(work, received, output, self.world_size, add_output=False)
             if not async_op:
                 done.wait()
             return done
@@ -137,7 +133,7 @@ class Communicator:
             received = tensor.new_empty(sum(receive))
             work = dist.all_to_all_single(received, tensor if not mine else tensor.new_empty(0), receive, send,
                                           group=self.group, async_op=True)
-            done = _MeanOnWait(work, received, tensor if mine else None, self.world_size)
+            done = _MeanOnWait(work, received, tensor if mine else None, self.world_size, add_output=True)
             if not async_op:
                 done.wait()
             return done

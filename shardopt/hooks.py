@@ -52,7 +52,6 @@ class GradientReducer:
     ) -> None:
         self.plan = plan
         self.buffers = buffers
-        self.storages = storages
         self.params = params
         self.comm = comm
         self.overlap = overlap
@@ -74,6 +73,19 @@ class GradientReducer:
         self.storage_of = {
             slot.param: storage for storage in storages for slot in storage.storage.slots
         }
+        # Matrix units: (rank, start, end) of each part, and where this rank's part
+        # (if any) goes in its gradient area; fixed by the plan, so computed once.
+        self.parts: dict[int, list[tuple[int, int, int]]] = {}
+        self.own_part: dict[int, tuple[int, int, int]] = {}
+        for unit in self.units:
+            if unit.param is None:
+                continue
+            storage = self.storage_of[unit.param].storage
+            self.parts[unit.param] = storage.parts(unit.param)
+            for member, low, high in self.parts[unit.param]:
+                if member == comm.rank:
+                    area_offset = storage.slot_offset(unit.param) + low - member * storage.area_numel
+                    self.own_part[unit.param] = (area_offset, low, high)
         self.num_pending = [len(plan.unit_params(unit)) for unit in self.units]
         self.arrived: set[int] = set()
         self.next_launch = 0
@@ -150,11 +162,10 @@ class GradientReducer:
         unit = self.units[position]
         if unit.bucket is None:
             # Each part of the matrix goes to the rank whose area holds it.
-            storage = self.storage_of[unit.param]
             grad = self.matrix_grads[unit.param]
             works = [
                 self.comm.reduce_avg(grad[low:high], member, async_op=True)
-                for member, low, high in storage.storage.parts(unit.param)
+                for member, low, high in self.parts[unit.param]
             ]
             self.in_flight.append((position, works))
         else:
@@ -216,14 +227,9 @@ class GradientReducer:
         unit = self.units[position]
         if unit.bucket is None:
             grad = self.matrix_grads.pop(unit.param)
-            storage = self.storage_of[unit.param]
-            rank = self.comm.rank
-            area_start = rank * storage.storage.area_numel
-            start = storage.storage.slot_offset(unit.param)
-            for member, low, high in storage.storage.parts(unit.param):
-                if member == rank:
-                    at = start + low - area_start
-                    storage.ensure_grad_area()[at : at + high - low].copy_(grad[low:high])
+            if unit.param in self.own_part:
+                at, low, high = self.own_part[unit.param]
+                self.storage_of[unit.param].ensure_grad_area()[at : at + high - low].copy_(grad[low:high])
         elif not self.buffers[unit.bucket].owner.keep_grad_flat:
             self.buffers[unit.bucket].release_grad_flat()
 

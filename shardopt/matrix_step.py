@@ -41,108 +41,107 @@ def _slice_state(state: Mapping[str, Tensor], start: int, numel: int) -> dict[st
     return {name: t if t.dim() == 0 else t[start : start + numel] for name, t in state.items()}
 
 
-def matrix_step(
-    rule: MatrixRule,
-    hp: Mapping[str, Any],
-    buffers: StorageBuffers,
-    grad: Tensor,
-    plan: ShardPlan,
-    comm: Communicator,
-) -> None:
-    """Update ``buffers.master`` (this rank's area) from ``grad`` (its averaged gradient)."""
-    storage, rank = buffers.storage, comm.rank
-    used = buffers.used_numel
-    master, state = buffers.master[:used], buffers.states
-    if used:
-        rule.prepare([master], [grad], [state], hp)
-    pieces = {piece.param: piece for piece in storage.pieces(rank)}
-    straddlers = [s for s in plan.straddlers if s.storage == storage.index]
-    shape_of = {slot.param: plan.param(slot.param).shape for slot in storage.slots}
+class MatrixStep:
+    """The step of a matrix rule on this rank's area of one matrix storage.
 
-    def direction(piece: Piece) -> Tensor:
-        at, numel = piece.region_offset, piece.numel
-        return rule.direction(grad[at : at + numel], _slice_state(state, at, numel), hp).reshape(-1)
+    Everything the plan fixes (which pieces lie here, which matrices this rank
+    transforms, who sends which slice to whom) is worked out once, here; a
+    step only moves tensors.
+    """
 
-    def part_bounds(param: int, member: int) -> tuple[int, int]:
-        """``[start, end)`` of ``param``'s flattened elements in ``member``'s area."""
-        return next((low, high) for rank, low, high in storage.parts(param) if rank == member)
-
-    # Exchange 1: members send their slices of the directions to the owner.
-    assembled: dict[int, Tensor] = {}
-    if straddlers:
-        to = [[] for _ in range(comm.world_size)]
-        from_counts = [0] * comm.world_size
-        for straddler in straddlers:
-            if rank in straddler.members and rank != straddler.owner:
-                to[straddler.owner].append(direction(pieces[straddler.param]))
-            if rank == straddler.owner:
-                for member in straddler.members:
-                    if member != rank:
-                        low, high = part_bounds(straddler.param, member)
-                        from_counts[member] += high - low
-        received = _exchange(comm, to, from_counts, master)
-        cursor = [sum(from_counts[:r]) for r in range(comm.world_size)]
-        for straddler in straddlers:
-            if rank != straddler.owner:
+    def __init__(self, plan: ShardPlan, buffers: StorageBuffers, comm: Communicator) -> None:
+        self.buffers, self.comm = buffers, comm
+        storage, rank, world = buffers.storage, comm.rank, comm.world_size
+        self.pieces: dict[int, Piece] = {piece.param: piece for piece in storage.pieces(rank)}
+        self.shape_of = {param: plan.param(param).shape for param in self.pieces}
+        self.whole = [p for p, piece in self.pieces.items() if piece.numel == plan.param(p).numel]
+        # Exchange 1: slices this rank sends (params, per owner) and, for the
+        # straddlers it owns, the (member, start, end) parts to assemble.
+        self.send: list[list[int]] = [[] for _ in range(world)]
+        self.assemble: dict[int, list[tuple[int, int, int]]] = {}
+        self.straddling = False
+        for straddler in plan.straddlers:
+            if straddler.storage != storage.index:
                 continue
-            full = torch.empty(plan.param(straddler.param).numel, dtype=master.dtype, device=master.device)
-            for member in straddler.members:
-                low, high = part_bounds(straddler.param, member)
-                if member == rank:
-                    full[low:high].copy_(direction(pieces[straddler.param]))
-                else:
-                    full[low:high].copy_(received[cursor[member] : cursor[member] + high - low])
-                    cursor[member] += high - low
-            assembled[straddler.param] = full
-
-    # Transform what this rank owns; apply whole matrices at once.
-    owned = [p for p, piece in pieces.items() if piece.numel == plan.param(p).numel] + list(assembled)
-    results: dict[int, Tensor] = {}
-    for batch in rule.batches([shape_of[p] for p in owned], hp):
-        params = [owned[i] for i in batch]
-        inputs = [
-            (assembled[p] if p in assembled else direction(pieces[p])).view(shape_of[p]) for p in params
-        ]
-        for param, update in zip(params, rule.transform(inputs, hp)):
-            if param in assembled:
-                results[param] = update.reshape(-1)
-            else:
-                piece = pieces[param]
-                rule.finish(master[piece.region_offset : piece.region_offset + piece.numel], update,
-                            shape_of[param], hp)
-        del inputs
-
-    # Exchange 2: owners return each member its slice of the result.
-    if straddlers:
-        to = [[] for _ in range(comm.world_size)]
-        from_counts = [0] * comm.world_size
-        for straddler in straddlers:
+            self.straddling = True
             if rank == straddler.owner:
-                for member in straddler.members:
-                    if member != rank:
-                        low, high = part_bounds(straddler.param, member)
-                        to[member].append(results[straddler.param][low:high])
+                self.assemble[straddler.param] = storage.parts(straddler.param)
             elif rank in straddler.members:
-                from_counts[straddler.owner] += pieces[straddler.param].numel
-        received = _exchange(comm, to, from_counts, master)
-        cursor = [sum(from_counts[:r]) for r in range(comm.world_size)]
-        for straddler in straddlers:
-            if rank not in straddler.members:
-                continue
-            piece = pieces[straddler.param]
-            if rank == straddler.owner:
-                low, high = part_bounds(straddler.param, rank)
-                update = results[straddler.param][low:high]
-            else:
-                owner = straddler.owner
-                update = received[cursor[owner] : cursor[owner] + piece.numel]
-                cursor[owner] += piece.numel
+                self.send[straddler.owner].append(straddler.param)
+        self.receive_counts = [0] * world
+        for parts in self.assemble.values():
+            for member, low, high in parts:
+                if member != rank:
+                    self.receive_counts[member] += high - low
+        # Exchange 2 mirrors exchange 1: what was received is returned.
+        self.return_counts = [sum(self.pieces[p].numel for p in params) for params in self.send]
+
+    def __call__(self, rule: MatrixRule, hp: Mapping[str, Any], grad: Tensor) -> None:
+        """Update the master weights of this rank's area from ``grad``, its averaged gradient."""
+        rank = self.comm.rank
+        used = self.buffers.used_numel
+        master, state = self.buffers.master[:used], self.buffers.states
+        if used:
+            rule.prepare([master], [grad], [state], hp)
+
+        def direction(param: int) -> Tensor:
+            piece = self.pieces[param]
+            at, numel = piece.region_offset, piece.numel
+            return rule.direction(grad[at : at + numel], _slice_state(state, at, numel), hp).reshape(-1)
+
+        def finish(param: int, update: Tensor) -> None:
+            piece = self.pieces[param]
             rule.finish(master[piece.region_offset : piece.region_offset + piece.numel], update,
-                        shape_of[straddler.param], hp)
+                        self.shape_of[param], hp)
 
+        # Exchange 1: members send their slices of the directions to the owner.
+        assembled: dict[int, Tensor] = {}
+        if self.straddling:
+            received = self._exchange([[direction(p) for p in params] for params in self.send],
+                                      self.receive_counts, master)
+            cursor = [sum(self.receive_counts[:r]) for r in range(self.comm.world_size)]
+            for param, parts in self.assemble.items():
+                full = master.new_empty(parts[-1][2])
+                for member, low, high in parts:
+                    if member == rank:
+                        full[low:high].copy_(direction(param))
+                    else:
+                        full[low:high].copy_(received[cursor[member] : cursor[member] + high - low])
+                        cursor[member] += high - low
+                assembled[param] = full
 
-def _exchange(comm: Communicator, to: list[list[Tensor]], from_counts: list[int], like: Tensor) -> Tensor:
-    send_counts = [sum(t.numel() for t in parts) for parts in to]
-    flat = [t for parts in to for t in parts]
-    send = torch.cat(flat) if flat else like.new_empty(0)
-    return comm.exchange(send, send_counts, from_counts)
+        # Transform what this rank owns; apply whole matrices at once.
+        owned = self.whole + list(assembled)
+        results: dict[int, Tensor] = {}
+        for batch in rule.batches([self.shape_of[p] for p in owned], hp):
+            params = [owned[i] for i in batch]
+            inputs = [(assembled[p] if p in assembled else direction(p)).view(self.shape_of[p]) for p in params]
+            for param, update in zip(params, rule.transform(inputs, hp)):
+                if param in assembled:
+                    results[param] = update.reshape(-1)
+                else:
+                    finish(param, update)
+            del inputs
+
+        # Exchange 2: owners return each member its slice of the result.
+        if self.straddling:
+            back = [[] for _ in range(self.comm.world_size)]
+            for param, parts in self.assemble.items():
+                for member, low, high in parts:
+                    if member == rank:
+                        finish(param, results[param][low:high])
+                    else:
+                        back[member].append(results[param][low:high])
+            received = self._exchange(back, self.return_counts, master)
+            cursor = 0
+            for params in self.send:
+                for param in params:
+                    numel = self.pieces[param].numel
+                    finish(param, received[cursor : cursor + numel])
+                    cursor += numel
+
+    def _exchange(self, to: list[list[Tensor]], from_counts: list[int], like: Tensor) -> Tensor:
+        send_counts = [sum(t.numel() for t in parts) for parts in to]
+        flat = [t for parts in to for t in parts]
+        send = torch.cat(flat) if flat else like.new_empty(0)
+        return self.comm.exchange(send, send_counts, from_counts)

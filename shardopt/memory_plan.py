@@ -211,10 +211,10 @@ def _plan(infos: tuple[ParamInfo, ...], world_size: int, bucket_numel: int, matr
         num_storages[g] = num_storages.get(g, 0) + 1
         for rank, numel in enumerate(used_by_rank(storage)):
             used[g][rank] += numel
-        for position, (slot, owner) in enumerate(zip(storage.slots, storage.ns_owners)):
+        for slot, owner in zip(storage.slots, storage.ns_owners):
             shapes[g][owner].append(plan.param(slot.param).shape)
-            if len(storage.members(position)) > 1:
-                straddling[g][owner] += slot.numel
+    for straddler in plan.straddlers:
+        straddling[plan.storages[straddler.storage].group][straddler.owner] += sum(straddler.parts)
     shares = tuple(
         _RankShare({g: used[g][r] for g in groups}, num_storages, {g: tuple(shapes[g][r]) for g in groups},
                    {g: straddling[g][r] for g in groups})
@@ -240,7 +240,7 @@ def muon_workspace(shapes: Sequence[tuple[int, ...]], hp: Mapping[str, Any], wid
     """Peak transient bytes of Muon's transform over one rank's matrices (read from its code, not measured).
 
     ``shapes``: the matrices the rank orthogonalizes in one Muon group, in
-    storage order (``matrix_step`` takes the ones inside its area in area
+    storage order (``MatrixStep`` takes the ones inside its area in area
     order, then the straddlers it owns; the straddlers' assembled inputs are
     counted apart, as ``muon exchange``). The rule orthogonalizes them in batches: same-shape groups
     when ``ns_dtype`` is float32, otherwise one matrix at a time. Per batch of
@@ -364,7 +364,7 @@ def plan_rank_bytes(
                 workspace = muon_workspace(share.matrix_shapes.get(g, ()), hp, wide)
                 # Groups update one after another: the largest group's peak.
                 buffers["muon workspace"] = max(buffers.get("muon workspace", 0), workspace)
-                # matrix_step: the owned straddlers' assembled directions and results
+                # MatrixStep: the owned straddlers' assembled directions and results
                 # (master dtype, held between the two all-to-alls), plus what this
                 # rank sends in them.
                 exchange = (2 * share.straddler_numel.get(g, 0) + plan.exchange_numel(rank)) * itemsize(wide)

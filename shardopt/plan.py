@@ -235,16 +235,8 @@ class Bucket:
     chunk: int = 0
 
     @property
-    def group(self) -> int:
-        return self.storage.group
-
-    @property
     def granularity(self) -> Granularity:
         return self.storage.granularity
-
-    @property
-    def dtype(self) -> str:
-        return self.storage.dtype
 
     @property
     def world_size(self) -> int:

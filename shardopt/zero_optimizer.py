@@ -41,11 +41,11 @@ from . import checkpoint
 from .buffers import BucketBuffers, StorageBuffers, storage_bytes
 from .comm import Communicator, default_group, digest_tensor
 from .hooks import GradientReducer
-from .matrix_step import matrix_step
+from .matrix_step import MatrixStep
 from .optimizer_base import ParamsT, RuleOptimizer
 from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
 from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, Storage, plan_shards
-from .rules.base import MatrixRule, apply_update
+from .rules.base import Granularity, MatrixRule, apply_update
 
 # Warn when padding exceeds this share of a plan of at least this many elements
 # (tiny test models pad proportionally more and do not matter).
@@ -160,6 +160,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._verify_same_params(infos)
         self.storages = [self._make_storage(storage) for storage in self.plan.storages]
         self.buffers = [BucketBuffers(bucket, self.storages[bucket.storage.index]) for bucket in self.plan.buckets]
+        self.matrix_steps = {
+            s.storage.index: MatrixStep(self.plan, s, self.comm)
+            for s in self.storages if s.storage.granularity is Granularity.MATRIX
+        }
         self.reducer = GradientReducer(
             self.plan, self.buffers, self.storages, self.params, self.comm, overlap=overlap,
             label=self.inner.param_label, on_reduced=self._expose_grads,
@@ -284,7 +288,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if buffers.bucket.storage.num_chunks == 1:
                 works.append(self.comm.all_gather_inplace(buffers.owner.param_flat, async_op=True))
             else:
-                chunks = buffers.param_chunks()
+                chunks = buffers.param_chunks
                 works.append(self.comm.all_gather_chunks(chunks, chunks[self.comm.rank], async_op=True))
         for work in works:
             work.wait()
@@ -315,7 +319,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     continue
                 self.ensure_states(buffers)
                 if isinstance(rule, MatrixRule):
-                    matrix_step(rule, group, buffers, grad, self.plan, self.comm)
+                    self.matrix_steps[buffers.storage.index](rule, group, grad)
                 else:
                     params.append(buffers.master[: buffers.used_numel])
                     group_grads.append(grad)
