@@ -124,9 +124,10 @@ class Communicator:
             return _Done()
         self._count("reduce", self._share(tensor.numel() * tensor.element_size()))
         if self.gloo:
-            # gloo's reduce moves more than the ideal (N-1) B in all (measured 1.5x at
-            # two ranks): the other ranks send their copies straight to dst (one
-            # all-to-all with only those parts non-empty), which sums them.
+            # gloo's reduce moves more than the ideal (N-1) B in all (loopback bytes
+            # of a 16 MiB reduce: 2.26x at two ranks, 1.43x at four): the other ranks
+            # send their copies straight to dst (one all-to-all with only those
+            # parts non-empty; measured 1.00x), which sums them.
             numel, mine = tensor.numel(), dst == self.rank
             send = [numel if r == dst and not mine else 0 for r in range(self.world_size)]
             receive = [numel if mine and r != dst else 0 for r in range(self.world_size)]

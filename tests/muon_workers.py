@@ -134,6 +134,23 @@ def semantics(rank: int, world: int) -> dict[str, object]:
     return _train(rank, world, model, ref, opt, ref_opt, clip=0.5, poison_step=7)
 
 
+def _lockstep(rank: int, world: int, steps: range, model, opt, ref, ref_opt) -> None:
+    """Train ``model`` on this rank's slice and ``ref`` on the whole batch, step by step.
+
+    Every parameter gets a gradient: the single-process optimizer skips one that has
+    none, ZeroOptimizer treats it as zero (documented).
+    """
+    for step in steps:
+        tokens = batch(step)
+        loss_of(model, tokens.chunk(world)[rank], use_branch=True).backward()
+        opt.step()
+        opt.zero_grad()
+        total = sum(loss_of(ref, part, use_branch=True) for part in tokens.chunk(world)) / world
+        total.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+
+
 def reshard(rank: int, world: int) -> dict[str, object]:
     """A full state dict of a balanced-layout run loads into a whole-layout ZeroOptimizer
     (a different plan) and into the single-process Muon; both then continue identically."""
@@ -146,17 +163,7 @@ def reshard(rank: int, world: int) -> dict[str, object]:
     moved_opt.load_state_dict(full)
     single_opt = shardopt.Muon(shardopt.muon_param_groups(single), **HP)
     single_opt.load_state_dict(full)
-    for step in range(STEPS, STEPS + 3):
-        tokens = batch(step)
-        # Every parameter gets a gradient: the single-process optimizer skips one that has
-        # none, ZeroOptimizer treats it as zero (documented).
-        loss_of(moved, tokens.chunk(world)[rank], use_branch=True).backward()
-        moved_opt.step()
-        moved_opt.zero_grad()
-        total = sum(loss_of(single, part, use_branch=True) for part in tokens.chunk(world)) / world
-        total.backward()
-        single_opt.step()
-        single_opt.zero_grad()
+    _lockstep(rank, world, range(STEPS, STEPS + 3), moved, moved_opt, single, single_opt)
     return {"diff": max_diff(moved, single), "moved": max_diff(moved, model)}
 
 
@@ -168,15 +175,7 @@ def bf16(rank: int, world: int) -> dict[str, object]:
     opt = shardopt.ZeroOptimizer(shardopt.muon_param_groups(model), shardopt.Muon, bucket_numel=400, **HP)
     ref_opt = shardopt.Muon(shardopt.muon_param_groups(ref), **HP)
     start = copy.deepcopy(ref)
-    for step in range(STEPS):
-        tokens = batch(step)
-        loss_of(model, tokens.chunk(world)[rank], use_branch=True).backward()
-        opt.step()
-        opt.zero_grad()
-        total = sum(loss_of(ref, part, use_branch=True) for part in tokens.chunk(world)) / world
-        total.backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+    _lockstep(rank, world, range(STEPS), model, opt, ref, ref_opt)
     return {"diff": max((a.float() - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters())),
             "moved": max_diff(ref, start), "master_bytes": opt.memory_report()["master_params"],
             "straddlers": len(opt.plan.straddlers)}
