@@ -116,24 +116,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
-import signal
 import statistics
 import sys
-import tempfile
-import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 # bench_zero (data, measurement and table helpers) lives next to this file; importing it
 # also puts examples/ on sys.path for the model.
@@ -262,11 +256,7 @@ def _zero_state_parts(opt: Any) -> dict[str, int]:
     return {"master_params": report["master_params"], **report["optimizer_states"]}
 
 
-def build_shardopt_muon(model: torch.nn.Module, stage: int, ns_dtype: str) -> Built:
-    opt = shardopt.ZeroOptimizer(shardopt.muon_param_groups(model), shardopt.Muon, stage=stage,
-                                 **dict(MUON_KWARGS, ns_dtype=ns_dtype))
-    timer = NsTimer()
-    timer.wrap_rule(opt.inner.muon_rule)
+def _built_zero(model: torch.nn.Module, opt: Any, timer: NsTimer | None = None) -> Built:
     return Built(
         forward=lambda tokens: bz.lm_loss(model, tokens),
         backward=lambda loss: loss.backward(),
@@ -279,17 +269,16 @@ def build_shardopt_muon(model: torch.nn.Module, stage: int, ns_dtype: str) -> Bu
     )
 
 
+def build_shardopt_muon(model: torch.nn.Module, stage: int, ns_dtype: str) -> Built:
+    opt = shardopt.ZeroOptimizer(shardopt.muon_param_groups(model), shardopt.Muon, stage=stage,
+                                 **dict(MUON_KWARGS, ns_dtype=ns_dtype))
+    timer = NsTimer()
+    timer.wrap_rule(opt.inner.muon_rule)
+    return _built_zero(model, opt, timer)
+
+
 def build_shardopt_adamw(model: torch.nn.Module) -> Built:
-    opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, stage=2, **ADAMW_KWARGS)
-    return Built(
-        forward=lambda tokens: bz.lm_loss(model, tokens),
-        backward=lambda loss: loss.backward(),
-        step=opt.step,
-        zero_grad=opt.zero_grad,
-        state_parts=lambda: _zero_state_parts(opt),
-        comm_stats=opt.comm_stats,
-        note="memory_report(): master_params + optimizer_states",
-    )
+    return _built_zero(model, shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, stage=2, **ADAMW_KWARGS))
 
 
 def build_naive_muon(model: torch.nn.Module, ns_dtype: str) -> Built:
@@ -411,29 +400,11 @@ def mixed_precision_state_bytes(system: str, cfg: Config, tokens: torch.Tensor) 
 
 
 def worker(rank: int, world: int, system: str, cfg: Config, run_dir: str) -> None:
-    log = open(os.path.join(run_dir, f"rank{rank}.log"), "w")  # noqa: SIM115
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    try:
-        _worker(rank, world, system, cfg, run_dir)
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        raise
+    bz.run_logged(rank, run_dir, _worker, rank, world, system, cfg, run_dir)
 
 
 def _worker(rank: int, world: int, system: str, cfg: Config, run_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(cfg.threads)
-    store = dist.FileStore(os.path.join(run_dir, "store"), world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    if system in DEEPSPEED_SYSTEMS:
-        import logging
-
-        import deepspeed
-
-        deepspeed.utils.logger.setLevel(logging.WARNING)
-        deepspeed.init_distributed(dist_backend="gloo")
+    bz.init_rank(rank, world, cfg.threads, run_dir, deepspeed=system in DEEPSPEED_SYSTEMS)
 
     torch.manual_seed(cfg.seed)
     gpt_config = cfg.model_config()
@@ -534,32 +505,9 @@ class Run:
 
 
 def run_once(system: str, world: int, cfg: Config) -> Run:
-    with tempfile.TemporaryDirectory(prefix="bench_muon_") as run_dir:
-        load_before = bz.load_average()
-        launched = time.monotonic()
-        ctx = mp.start_processes(worker, args=(world, system, cfg, run_dir), nprocs=world, join=False,
-                                 start_method="spawn")
-        deadline = launched + cfg.timeout
-        try:
-            while not ctx.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{system} at world size {world} ran past {cfg.timeout:.0f} s")
-        except BaseException:
-            # Our own ranks only: never leave them running after a failure or a timeout.
-            for process in ctx.processes:
-                if process.is_alive():
-                    process.kill()
-            for rank in range(world):
-                path = os.path.join(run_dir, f"rank{rank}.log")
-                if os.path.exists(path):
-                    with open(path) as f:
-                        tail = f.read()[-4000:]
-                    print(f"--- {system} world {world} rank {rank} log (tail) ---\n{tail}", file=sys.stderr)
-            raise
-        ranks = []
-        for rank in range(world):
-            with open(os.path.join(run_dir, f"rank{rank}.json")) as f:
-                ranks.append(json.load(f))
+    load_before = bz.load_average()
+    launched = time.monotonic()
+    ranks = bz.spawn_ranks(worker, system, world, cfg, "bench_muon_")
     zero = ranks[0]
     steps = len(zero["step_times"])
     totals = [sum(r["state_parts"].values()) for r in ranks]
@@ -724,45 +672,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per run (default 900)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", action="store_true", help="print GitHub markdown tables")
-    args = parser.parse_args(argv)
-    args.world_sizes = [int(w) for w in args.world_sizes.split(",") if w]
-    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in args.systems if s not in SYSTEMS]
-    if unknown:
-        parser.error(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
-    if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.batch < 1 or args.threads < 1:
-        parser.error("--steps, --repeats, --batch, --threads must be >= 1 and --warmup >= 0")
-    if args.seq is not None and not 1 <= args.seq:
+    args = bz.parse_common(parser, argv, SYSTEMS)
+    if args.seq is not None and args.seq < 1:
         parser.error("--seq must be >= 1")
-    if any(w < 2 for w in args.world_sizes):
-        parser.error("--world-sizes must all be >= 2")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, bz._exit_on_sigterm)
-    # Inherited by the spawned ranks. Eager everywhere: DeepSpeed's Muon is torch.compile-decorated,
+    # Eager everywhere (inherited by the ranks): DeepSpeed's Muon is torch.compile-decorated,
     # and the Newton-Schulz timer must see its calls.
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ["TORCHDYNAMO_DISABLE"] = "1"
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-
-    systems = list(args.systems)
-    ds_version = None
-    if any(s in DEEPSPEED_SYSTEMS for s in systems):
-        if importlib.util.find_spec("deepspeed") is None:
-            print("note: deepspeed is not importable; skipping "
-                  + ", ".join(s for s in systems if s in DEEPSPEED_SYSTEMS) + " (pip install -e '.[deepspeed]')")
-            systems = [s for s in systems if s not in DEEPSPEED_SYSTEMS]
-        else:
-            from importlib.metadata import version
-
-            ds_version = version("deepspeed")
-    if not systems:
-        raise SystemExit("no systems to run")
+    systems, ds_version = bz.prepare_run(args.threads, args.systems, DEEPSPEED_SYSTEMS)
 
     cfg = Config(args.preset, args.seq, args.batch, args.warmup, args.steps, args.threads, args.seed, args.timeout,
                  args.ns_dtype)

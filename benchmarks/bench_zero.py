@@ -392,32 +392,41 @@ def shardopt_breakdown(spans: Spans, backward_self: dict[str, float], t: dict[st
 # ---------------------------------------------------------------------- one run (per rank)
 
 
-def worker(rank: int, world: int, system: str, cfg: Config, run_dir: str) -> None:
-    entered = time.time()
+def run_logged(rank: int, run_dir: str, body: Callable[..., None], *args: Any) -> None:
+    """Run ``body(*args)`` with this rank's output in ``run_dir/rank{rank}.log``, traceback included."""
     log = open(os.path.join(run_dir, f"rank{rank}.log"), "w")  # noqa: SIM115
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     try:
-        _worker(rank, world, system, cfg, run_dir, entered)
+        body(*args)
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
         raise
 
 
-def _worker(rank: int, world: int, system: str, cfg: Config, run_dir: str, entered: float) -> None:
-    phases = {"entered": entered}
+def init_rank(rank: int, world: int, threads: int, run_dir: str, *, deepspeed: bool) -> None:
+    """This rank's process group (gloo, FileStore in ``run_dir``), threads, and DeepSpeed's init."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(threads)
     store = dist.FileStore(os.path.join(run_dir, "store"), world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    if system in DEEPSPEED_SYSTEMS:
+    if deepspeed:
         import logging
 
-        import deepspeed
+        import deepspeed as ds
 
-        deepspeed.utils.logger.setLevel(logging.WARNING)
-        deepspeed.init_distributed(dist_backend="gloo")
+        ds.utils.logger.setLevel(logging.WARNING)
+        ds.init_distributed(dist_backend="gloo")
+
+
+def worker(rank: int, world: int, system: str, cfg: Config, run_dir: str) -> None:
+    run_logged(rank, run_dir, _worker, rank, world, system, cfg, run_dir, time.time())
+
+
+def _worker(rank: int, world: int, system: str, cfg: Config, run_dir: str, entered: float) -> None:
+    phases = {"entered": entered}
+    init_rank(rank, world, cfg.threads, run_dir, deepspeed=system in DEEPSPEED_SYSTEMS)
 
     torch.manual_seed(cfg.seed)
     gpt_config = PRESETS["bench"]
@@ -584,10 +593,13 @@ def load_average() -> float:
         return float(f.read().split()[0])
 
 
-def run_once(system: str, world: int, cfg: Config) -> Run:
-    with tempfile.TemporaryDirectory(prefix="bench_zero_") as run_dir:
-        load_before = load_average()
-        launched = time.time()
+def spawn_ranks(worker: Callable[..., None], system: str, world: int, cfg: Any, prefix: str) -> list[dict]:
+    """Run ``worker(rank, world, system, cfg, run_dir)`` on ``world`` spawned ranks; each rank's JSON.
+
+    On an error, or past ``cfg.timeout`` seconds, every rank is killed and the
+    tail of each rank's log printed.
+    """
+    with tempfile.TemporaryDirectory(prefix=prefix) as run_dir:
         ctx = mp.start_processes(
             worker, args=(world, system, cfg, run_dir), nprocs=world, join=False, start_method="spawn"
         )
@@ -597,6 +609,7 @@ def run_once(system: str, world: int, cfg: Config) -> Run:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{system} at world size {world} ran past {cfg.timeout:.0f} s")
         except BaseException:
+            # Our own ranks only: never leave them running after a failure or a timeout.
             for process in ctx.processes:
                 if process.is_alive():
                     process.kill()
@@ -611,6 +624,13 @@ def run_once(system: str, world: int, cfg: Config) -> Run:
         for rank in range(world):
             with open(os.path.join(run_dir, f"rank{rank}.json")) as f:
                 ranks.append(json.load(f))
+    return ranks
+
+
+def run_once(system: str, world: int, cfg: Config) -> Run:
+    load_before = load_average()
+    launched = time.time()
+    ranks = spawn_ranks(worker, system, world, cfg, "bench_zero_")
     finished = time.time()
     zero = ranks[0]
     steps = len(zero["times"])
@@ -771,17 +791,48 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="also split shardopt's steps into parts (instance-level timers) and time gloo's "
                         "collectives on a shardopt bucket and on the whole model")
+    return parse_common(parser, argv, SYSTEMS)
+
+
+def parse_common(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                 systems: Sequence[str]) -> argparse.Namespace:
+    """Parse and check the options every benchmark here shares (world sizes, systems, counts)."""
     args = parser.parse_args(argv)
     args.world_sizes = [int(w) for w in args.world_sizes.split(",") if w]
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in args.systems if s not in SYSTEMS]
+    unknown = [s for s in args.systems if s not in systems]
     if unknown:
-        parser.error(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
+        parser.error(f"unknown systems {unknown}; choose from {', '.join(systems)}")
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.batch < 1 or args.threads < 1:
         parser.error("--steps, --repeats, --batch, --threads must be >= 1 and --warmup >= 0")
     if any(w < 2 for w in args.world_sizes):
         parser.error("--world-sizes must all be >= 2")
     return args
+
+
+def prepare_run(threads: int, systems: Sequence[str], deepspeed_systems: Sequence[str]) -> tuple[list[str], str | None]:
+    """Environment the spawned ranks inherit, and the systems that can run: ``(systems, deepspeed version)``."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo traffic on 127.0.0.1 only
+    systems = list(systems)
+    ds_version = None
+    if any(s in deepspeed_systems for s in systems):
+        if importlib.util.find_spec("deepspeed") is None:
+            print("note: deepspeed is not importable; skipping "
+                  + ", ".join(s for s in systems if s in deepspeed_systems)
+                  + " (pip install -e '.[deepspeed]')")
+            systems = [s for s in systems if s not in deepspeed_systems]
+        else:
+            from importlib.metadata import version
+
+            ds_version = version("deepspeed")
+    if not systems:
+        raise SystemExit("no systems to run")
+    return systems, ds_version
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -790,28 +841,7 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    # Inherited by the spawned ranks.
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo traffic on 127.0.0.1 only
-
-    systems = list(args.systems)
-    ds_version = None
-    if any(s in DEEPSPEED_SYSTEMS for s in systems):
-        if importlib.util.find_spec("deepspeed") is None:
-            print("note: deepspeed is not importable; skipping "
-                  + ", ".join(s for s in systems if s in DEEPSPEED_SYSTEMS)
-                  + " (pip install -e '.[deepspeed]')")
-            systems = [s for s in systems if s not in DEEPSPEED_SYSTEMS]
-        else:
-            from importlib.metadata import version
-
-            ds_version = version("deepspeed")
-    if not systems:
-        raise SystemExit("no systems to run")
+    systems, ds_version = prepare_run(args.threads, args.systems, DEEPSPEED_SYSTEMS)
 
     cfg = Config(args.batch, args.warmup, args.steps, args.threads, args.seed, args.timeout, args.profile)
     gpt_config = PRESETS["bench"]
