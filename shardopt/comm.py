@@ -124,8 +124,9 @@ class Communicator:
             return _Done()
         self._count("reduce", self._share(tensor.numel() * tensor.element_size()))
         if self.gloo:
-            # gloo's reduce moves more than the ideal (N-1) B in all (loopback bytes
-            # of a 16 MiB reduce: 2.26x at two ranks, 1.43x at four): the other ranks
+            # gloo's reduce moves more than the ideal (N-1) B in all (loopback bytes of a
+            # 16 MiB reduce, benchmarks/bench_gloo_reduce.py: 2.25x at two ranks, 1.42x
+            # at four): the other ranks
             # send their copies straight to dst (one all-to-all with only those
             # parts non-empty; measured 1.00x), which sums them.
             numel, mine = tensor.numel(), dst == self.rank
