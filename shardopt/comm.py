@@ -126,9 +126,8 @@ class Communicator:
         if self.gloo:
             # gloo's reduce moves more than the ideal (N-1) B in all (loopback bytes of a
             # 16 MiB reduce, benchmarks/bench_gloo_reduce.py: 2.25x at two ranks, 1.42x
-            # at four): the other ranks
-            # send their copies straight to dst (one all-to-all with only those
-            # parts non-empty; measured 1.00x), which sums them.
+            # at four): the other ranks send their copies straight to dst (one
+            # all-to-all with only those parts non-empty; measured 1.00x), which sums them.
             numel, mine = tensor.numel(), dst == self.rank
             send = [numel if r == dst and not mine else 0 for r in range(self.world_size)]
             receive = [numel if mine and r != dst else 0 for r in range(self.world_size)]
