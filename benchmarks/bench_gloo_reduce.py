@@ -16,16 +16,13 @@ Usage, from the repository root::
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_zero import lo_bytes  # noqa: E402
+from harness import lo_bytes
 
 NUMEL = 1 << 22
 CALLS = 5

@@ -16,6 +16,18 @@ Per bucket (:class:`BucketBuffers`): ``grad_flat``, the bucket's local
 gradients, the reduce-scatter's (or all-reduce's) input. At stage 2 it lives
 from the bucket's first gradient until its reduce-scatter is done. (Matrix
 storages at stage 2 reduce per matrix instead: :mod:`shardopt.hooks`.)
+
+Ownership invariant: every buffer here that an asynchronous collective reads
+or writes (``grad_flat``, the regions of ``grad_area`` a reduction fills, a
+matrix's gradient, the ``param_flat`` chunks an all-gather fills) belongs to
+exactly one in-flight operation from its launch until its ``wait()``; nothing
+else reads or writes it meanwhile, and it is dropped (or reused) only after
+the wait. :class:`~shardopt.comm.Communicator` enforces this: a collective
+touching bytes that an in-flight one owns raises ``BufferOwnershipError``.
+With ``SHARDOPT_POISON_BUFFERS=1`` (on in the tests) fresh buffers start as
+NaN and released ones are overwritten with NaN, so an element that no
+collective wrote, or a stale view read after release, shows up as NaN on every
+run instead of as whatever the allocator left there.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .comm import new_buffer
 from .plan import Bucket, Storage
 from .rules.base import StateSpec, allocate_state
 
@@ -38,6 +51,7 @@ class StorageBuffers:
     master: Tensor
     reduce_dtype: torch.dtype
     keep_grad_flat: bool
+    poison: bool = False
     grad_flat: Tensor | None = None
     grad_area: Tensor | None = None
     states: dict[str, Tensor] = field(default_factory=dict)
@@ -64,9 +78,8 @@ class StorageBuffers:
         if self.grad_flat is None:
             # Uninitialised: every slot is written by a gradient (or zeros when it
             # has none), and the reducer zeroes the padding before the collective.
-            self.grad_flat = torch.empty(
-                self.storage.flat_numel, dtype=self.reduce_dtype, device=self.param_flat.device
-            )
+            self.grad_flat = new_buffer(self.storage.flat_numel, self.reduce_dtype, self.param_flat.device,
+                                        poison=self.poison)
         return self.grad_flat
 
     def ensure_grad_area(self) -> Tensor:
@@ -74,9 +87,8 @@ class StorageBuffers:
             start, end = self.area
             self.grad_area = self.ensure_grad_flat()[start:end]
         elif self.grad_area is None:
-            self.grad_area = torch.empty(
-                self.storage.area_numel, dtype=self.reduce_dtype, device=self.param_flat.device
-            )
+            self.grad_area = new_buffer(self.storage.area_numel, self.reduce_dtype, self.param_flat.device,
+                                        poison=self.poison)
         return self.grad_area
 
     def allocate_states(self, specs: tuple[StateSpec, ...]) -> None:
@@ -96,9 +108,8 @@ class BucketBuffers:
             # Kept gradients need p.grad views: such storages are one bucket.
             return self.owner.ensure_grad_flat()
         if self.grad_flat is None:
-            self.grad_flat = torch.empty(
-                self.bucket.flat_numel, dtype=self.owner.reduce_dtype, device=self.owner.param_flat.device
-            )
+            self.grad_flat = new_buffer(self.bucket.flat_numel, self.owner.reduce_dtype,
+                                        self.owner.param_flat.device, poison=self.owner.poison)
         return self.grad_flat
 
     def grad_region(self) -> Tensor:
@@ -107,6 +118,9 @@ class BucketBuffers:
         return self.owner.ensure_grad_area()[start : start + self.bucket.region_numel]
 
     def release_grad_flat(self) -> None:
+        """Drop the bucket's gradient buffer (its reduction has been waited for)."""
+        if self.owner.poison and self.grad_flat is not None:
+            self.grad_flat.fill_(float("nan"))
         self.grad_flat = None
 
     @functools.cached_property

@@ -11,10 +11,31 @@ bandwidth" convention): with ``N`` ranks and a buffer of ``B`` bytes,
 reduce-scatter and all-gather each send ``(N-1)/N * B``, all-reduce ``2(N-1)/N
 * B``, and broadcast ``(N-1)/N * B`` per rank on average. ``benchmarks/`` checks
 these against bytes measured on the wire.
+
+Two guarantees hold for every collective issued here (``docs/design/collectives.md``):
+
+* **Ownership.** A buffer that an asynchronous collective reads or writes
+  belongs to that one operation from launch until its ``wait()``: a second
+  collective touching any byte of it raises :class:`BufferOwnershipError`
+  naming both. Always on (a few in flight at a time; the check is a scan).
+* **Agreement** (``SHARDOPT_CHECK_COLLECTIVES=1`` or ``Communicator(check=True)``;
+  one extra small all-gather per collective): before each collective the ranks
+  compare its kind, dtype and element counts (for an all-to-all: what each
+  sends to each) and raise :class:`CollectiveMismatchError` on the first
+  difference instead of exchanging misread bytes.
+* **Poisoning** (``SHARDOPT_POISON_BUFFERS=1`` or ``Communicator(poison=True)``;
+  one fill per buffer): receive and gradient buffers start as NaN rather than
+  uninitialised memory, and buffers handed back through :meth:`retire` are
+  filled with NaN, so a read of an unwritten or recycled element shows up as
+  NaN at once, the same on every run.
+
+The test suite turns both on (``tests/conftest.py``, per spawned job where the
+check is affordable).
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Any
 
@@ -28,6 +49,62 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+CHECK_ENV = "SHARDOPT_CHECK_COLLECTIVES"
+POISON_ENV = "SHARDOPT_POISON_BUFFERS"
+# Stable codes for the dtypes a collective may carry (compared across ranks).
+_DTYPE_CODES = {dtype: code for code, dtype in enumerate(
+    (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8,
+     torch.int8, torch.bool))}
+
+
+def flag_from_env(name: str) -> bool:
+    """Whether environment variable ``name`` is set to ``1``, ``true``, ``yes`` or ``on``."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def new_buffer(numel: int, dtype: torch.dtype, device: torch.device, *, poison: bool) -> Tensor:
+    """An uninitialised buffer, or with ``poison`` one full of NaN (floating dtypes)."""
+    if poison and (dtype.is_floating_point or dtype.is_complex):
+        return torch.full((numel,), float("nan"), dtype=dtype, device=device)
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
+class BufferOwnershipError(RuntimeError):
+    """A collective touched a buffer that an in-flight asynchronous collective still owns."""
+
+
+class CollectiveMismatchError(RuntimeError):
+    """Ranks issued collectives that disagree (kind, dtype or counts): they would misread bytes or hang."""
+
+
+def _byte_range(tensor: Tensor) -> tuple[int, int, int]:
+    """(storage address, first byte, end byte) that ``tensor`` may touch."""
+    storage = tensor.untyped_storage()
+    size = tensor.element_size()
+    start = tensor.storage_offset() * size
+    if tensor.numel() == 0:
+        return storage.data_ptr(), start, start
+    span = 1 + sum((n - 1) * abs(st) for n, st in zip(tensor.shape, tensor.stride()))
+    return storage.data_ptr(), start, start + span * size
+
+
+class _Owned:
+    """A work handle whose buffers stay owned until :meth:`wait` returns."""
+
+    def __init__(self, work: Any, comm: Communicator, claim: list[tuple[int, int, int, str]]) -> None:
+        self.work, self.comm, self.claim = work, comm, claim
+
+    def wait(self) -> bool:
+        if self.work is not None:
+            self.work.wait()
+            self.comm._release(self.claim)
+            self.work = None
+        return True
+
+    def is_completed(self) -> bool:
+        return self.work is None or self.work.is_completed()
+
+
 class _Done:
     """Stands in for a collective's work handle when nothing had to be sent."""
 
@@ -39,27 +116,40 @@ class _Done:
 
 
 class _MeanOnWait:
-    """Completes a reduction done by an all-to-all: the mean of the received copies.
+    """Completes a reduction done by an all-to-all: the mean of every rank's copy.
 
-    ``received`` holds the other ranks' copies, one after the other; with
-    ``add_output`` the output already holds this rank's own copy, which joins them.
+    ``received`` holds copies one after the other in rank order: every rank's
+    (``own_rank=None``), or every rank's but ``own_rank``'s, whose copy is already
+    in ``output``. The copies are summed in rank order, ``((c_0 + c_1) + c_2) ...``,
+    then divided by the number of ranks: one fixed arithmetic whichever path
+    (bucket reduce-scatter or per-matrix reduce) and whichever rank reduced, so a
+    run is reproducible bit for bit and equals an unsharded optimizer given the
+    same rank-ordered mean (the tests' oracle).
     """
 
     def __init__(self, work: Any, received: Tensor, output: Tensor | None, world_size: int,
-                 *, add_output: bool) -> None:
+                 *, own_rank: int | None) -> None:
         self.work, self.received, self.output, self.world_size = work, received, output, world_size
-        self.add_output = add_output
+        self.own_rank = own_rank
 
     def wait(self) -> bool:
         if self.work is not None:
             self.work.wait()
-            if self.output is not None and self.output.numel():
-                copies = self.received.view(-1, self.output.numel())
-                if self.add_output:
-                    self.output.add_(copies.sum(dim=0))
+            output = self.output
+            if output is not None and output.numel():
+                copies = list(self.received.view(-1, output.numel()))
+                if self.own_rank is None:
+                    output.copy_(copies[0])
+                    later = copies[1:]
                 else:
-                    torch.sum(copies, dim=0, out=self.output)
-                self.output.div_(self.world_size)
+                    before, later = copies[: self.own_rank], copies[self.own_rank :]
+                    if before:
+                        for copy in before[1:]:
+                            before[0].add_(copy)  # scratch: the received buffer
+                        output.add_(before[0])  # a + b == b + a in IEEE arithmetic
+                for copy in later:
+                    output.add_(copy)
+                output.div_(self.world_size)
             self.work = self.received = None
         return True
 
@@ -67,14 +157,20 @@ class _MeanOnWait:
 class Communicator:
     """Collectives over one process group (``None``: no group, one rank)."""
 
-    def __init__(self, group: Any | None) -> None:
+    def __init__(self, group: Any | None, *, check: bool | None = None, poison: bool | None = None) -> None:
         self.group = group
         distributed = group is not None
         self.world_size = dist.get_world_size(group) if distributed else 1
         self.rank = dist.get_rank(group) if distributed else 0
         self.gloo = distributed and dist.get_backend(group) == "gloo"
+        self.check = flag_from_env(CHECK_ENV) if check is None else check
+        self.poison = flag_from_env(POISON_ENV) if poison is None else poison
         self.bytes_sent: Counter[str] = Counter()
         self.num_calls: Counter[str] = Counter()
+        # (storage address, first byte, end byte, operation) of buffers owned by
+        # asynchronous collectives not yet waited for.
+        self._owned: list[tuple[int, int, int, str]] = []
+        self._num_checked = 0
 
     @property
     def active(self) -> bool:
@@ -92,6 +188,92 @@ class Communicator:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
 
+    # ------------------------------------------------------------ guarantees
+
+    def _claim(self, op: str, tensors: list[Tensor]) -> list[tuple[int, int, int, str]]:
+        """Raise if any of ``tensors`` overlaps a buffer an in-flight collective owns; else own them."""
+        claim = []
+        for tensor in tensors:
+            address, low, high = _byte_range(tensor)
+            if low == high:
+                continue
+            for other_address, other_low, other_high, other_op in self._owned:
+                if address == other_address and low < other_high and other_low < high:
+                    raise BufferOwnershipError(
+                        f"{op} touches bytes [{low}, {high}) of a buffer that the in-flight {other_op} still "
+                        f"owns (bytes [{other_low}, {other_high})); wait for it before reusing the buffer"
+                    )
+            claim.append((address, low, high, op))
+        return claim
+
+    def _own(self, op: str, work: Any, tensors: list[Tensor]) -> _Owned:
+        claim = self._claim(op, tensors)
+        self._owned.extend(claim)
+        return _Owned(work, self, claim)
+
+    def _release(self, claim: list[tuple[int, int, int, str]]) -> None:
+        for item in claim:
+            self._owned.remove(item)
+
+    @property
+    def num_in_flight_buffers(self) -> int:
+        """Buffers owned by asynchronous collectives not yet waited for."""
+        return len(self._owned)
+
+    def _agree(self, kind: str, dtype: torch.dtype, numel: int,
+               send_counts: list[int] | None = None, receive_counts: list[int] | None = None) -> None:
+        """With ``check``: raise :class:`CollectiveMismatchError` unless every rank issues the same collective."""
+        if not (self.check and self.active):
+            return
+        world = self.world_size
+        kinds = ("all_to_all", "all_gather", "all_reduce", "broadcast", "reduce_scatter", "reduce")
+        mine = [kinds.index(kind), _DTYPE_CODES.get(dtype, -1), numel]
+        mine += list(send_counts or [-1] * world) + list(receive_counts or [-1] * world)
+        local = torch.tensor(mine, dtype=torch.int64, device=self._device())
+        gathered = torch.empty(world * local.numel(), dtype=torch.int64, device=local.device)
+        _all_gather_flat(gathered, local, group=self.group)
+        table = gathered.view(world, -1).tolist()
+        self._num_checked += 1
+        names = {code: str(d).removeprefix("torch.") for d, code in _DTYPE_CODES.items()}
+
+        def describe(row: list[int]) -> str:
+            text = f"{kinds[row[0]]} of {row[2]} {names.get(row[1], 'other dtype')} elements"
+            if row[3] >= 0:
+                text += f", sending {row[3 : 3 + world]}, receiving {row[3 + world :]}"
+            return text
+
+        problem = None
+        if any(row[:2] != table[0][:2] for row in table):
+            problem = "kind or dtype"
+        elif send_counts is None and any(row[2] != table[0][2] for row in table):
+            problem = "element count"
+        elif send_counts is not None and any(
+            table[src][3 + dst] != table[dst][3 + world + src] for src in range(world) for dst in range(world)
+        ):
+            problem = "what one rank sends and its peer expects"
+        if problem is not None:
+            detail = "; ".join(f"rank {r}: {describe(row)}" for r, row in enumerate(table))
+            raise CollectiveMismatchError(
+                f"collective #{self._num_checked} differs between ranks in its {problem}: {detail}"
+            )
+
+    def _device(self) -> torch.device:
+        if self.group is not None and dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def empty(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A buffer a collective will fill: uninitialised, or NaN with ``poison``."""
+        return new_buffer(numel, dtype, device, poison=self.poison)
+
+    def retire(self, tensor: Tensor | None) -> None:
+        """``tensor`` is no longer anyone's: with ``poison``, fill it with NaN so a stale reader sees NaN."""
+        if self.poison and tensor is not None and tensor.is_floating_point():
+            self._claim("a retired buffer's poisoning", [tensor])
+            tensor.fill_(float("nan"))
+
+    # ------------------------------------------------------------ collectives
+
     def reduce_scatter_avg(self, output: Tensor, flat: Tensor, *, async_op: bool = False):
         """``output`` (this rank's region) <- mean over ranks of ``flat``'s region."""
         if not self.active:
@@ -103,15 +285,18 @@ class Communicator:
             # moves all-reduce volume (measured 1.50x the ideal on the wire at two
             # ranks). An all-to-all sends each region straight to its owner
             # ((N-1)/N of the buffer, the ideal) and the owner sums locally.
-            received = torch.empty_like(flat)
+            self._agree("all_to_all", flat.dtype, flat.numel())
+            received = self.empty(flat.numel(), flat.dtype, flat.device)
+            claim = self._claim("reduce-scatter", [output, flat])
             work = dist.all_to_all_single(received, flat, group=self.group, async_op=True)
-            done = _MeanOnWait(work, received, output, self.world_size, add_output=False)
+            self._owned.extend(claim)
+            done = _MeanOnWait(_Owned(work, self, claim), received, output, self.world_size, own_rank=None)
             if not async_op:
                 done.wait()
             return done
-        return _reduce_scatter_flat(
-            output, flat, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op
-        )
+        self._agree("reduce_scatter", flat.dtype, flat.numel())
+        work = _reduce_scatter_flat(output, flat, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
+        return self._own("reduce-scatter", work, [output, flat]) if async_op else work
 
     def reduce_avg(self, tensor: Tensor, dst: int, *, async_op: bool = False):
         """``tensor`` on rank ``dst`` <- mean over ranks of ``tensor`` (others' copies are scratch).
@@ -131,14 +316,20 @@ class Communicator:
             numel, mine = tensor.numel(), dst == self.rank
             send = [numel if r == dst and not mine else 0 for r in range(self.world_size)]
             receive = [numel if mine and r != dst else 0 for r in range(self.world_size)]
-            received = tensor.new_empty(sum(receive))
+            self._agree("all_to_all", tensor.dtype, numel, send, receive)
+            received = self.empty(sum(receive), tensor.dtype, tensor.device)
+            claim = self._claim("reduce", [tensor])
             work = dist.all_to_all_single(received, tensor if not mine else tensor.new_empty(0), receive, send,
                                           group=self.group, async_op=True)
-            done = _MeanOnWait(work, received, tensor if mine else None, self.world_size, add_output=True)
+            self._owned.extend(claim)
+            done = _MeanOnWait(_Owned(work, self, claim), received, tensor if mine else None, self.world_size,
+                               own_rank=dst)
             if not async_op:
                 done.wait()
             return done
-        return dist.reduce(tensor, self.global_rank(dst), op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
+        self._agree("reduce", tensor.dtype, tensor.numel())
+        work = dist.reduce(tensor, self.global_rank(dst), op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
+        return self._own("reduce", work, [tensor]) if async_op else work
 
     def all_gather_inplace(self, flat: Tensor, *, async_op: bool = False):
         """Every rank's region of ``flat`` to every rank; this rank sends its own."""
@@ -147,15 +338,27 @@ class Communicator:
         region = flat.numel() // self.world_size
         local = flat[self.rank * region : (self.rank + 1) * region]
         self._count("all_gather", self._share(flat.numel() * flat.element_size()))
-        return _all_gather_flat(flat, local, group=self.group, async_op=async_op)
+        self._agree("all_gather", flat.dtype, flat.numel())
+        claim = self._claim("all-gather", [flat])
+        work = _all_gather_flat(flat, local, group=self.group, async_op=async_op)
+        if not async_op:
+            return work
+        self._owned.extend(claim)
+        return _Owned(work, self, claim)
 
     def all_gather_chunks(self, outputs: list[Tensor], local: Tensor, *, async_op: bool = False):
         """``outputs[r]`` <- rank ``r``'s ``local`` (equal sizes; ``local`` may be ``outputs[rank]``)."""
         if not self.active:
             return _Done()
         self._count("all_gather", self._share(sum(t.numel() for t in outputs) * local.element_size()))
+        self._agree("all_gather", local.dtype, local.numel() * len(outputs))
+        claim = self._claim("all-gather", outputs)
         if self.gloo:
-            return dist.all_gather(outputs, local, group=self.group, async_op=async_op)
+            work = dist.all_gather(outputs, local, group=self.group, async_op=async_op)
+            if not async_op:
+                return work
+            self._owned.extend(claim)
+            return _Owned(work, self, claim)
         # NCCL gathers list outputs through one flat buffer anyway; do it here so the
         # bytes are sent once, then copy into the (non-adjacent) chunks.
         flat = torch.empty(len(outputs) * local.numel(), dtype=local.dtype, device=local.device)
@@ -164,15 +367,24 @@ class Communicator:
             output.copy_(piece)
         return _Done()
 
-    def exchange(self, send: Tensor, send_counts: list[int], receive_counts: list[int]) -> Tensor:
+    def exchange(self, send: Tensor, send_counts: list[int], receive_counts: list[int], dtype: torch.dtype) -> Tensor:
         """All-to-all with uneven parts: ``send_counts[r]`` elements of ``send`` go to rank ``r``;
-        returns what every rank sent here, in rank order."""
-        received = torch.empty(sum(receive_counts), dtype=send.dtype, device=send.device)
+        returns what every rank sent here, in rank order.
+
+        ``dtype`` is what travels: it must be the same on every rank, so it is
+        given, not read off ``send`` (a rank with nothing to send has no data
+        to read it from).
+        """
+        if send.dtype != dtype:
+            raise TypeError(f"exchange: send buffer is {send.dtype}, the exchange carries {dtype}")
+        received = self.empty(sum(receive_counts), dtype, send.device)
         if not self.active:
             received.copy_(send)
             return received
         mine = send_counts[self.rank]
         self._count("exchange", (sum(send_counts) - mine) * send.element_size())
+        self._agree("all_to_all", dtype, send.numel(), send_counts, receive_counts)
+        self._claim("exchange", [send])
         dist.all_to_all_single(received, send, receive_counts, send_counts, group=self.group)
         return received
 
@@ -182,24 +394,36 @@ class Communicator:
             output.copy_(local.reshape(-1))
             return
         self._count("all_gather", self._share(output.numel() * output.element_size()))
+        self._agree("all_gather", output.dtype, output.numel())
+        self._claim("all-gather", [output, local])
         _all_gather_flat(output, local.reshape(-1), group=self.group)
 
     def all_reduce_avg(self, tensor: Tensor, *, async_op: bool = False):
         if not self.active:
             return _Done()
         self._count("all_reduce", 2 * self._share(tensor.numel() * tensor.element_size()))
-        return dist.all_reduce(tensor, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
+        self._agree("all_reduce", tensor.dtype, tensor.numel())
+        claim = self._claim("all-reduce", [tensor])
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
+        if not async_op:
+            return work
+        self._owned.extend(claim)
+        return _Owned(work, self, claim)
 
     def all_reduce_sum(self, tensor: Tensor) -> None:
         if not self.active:
             return
         self._count("all_reduce", 2 * self._share(tensor.numel() * tensor.element_size()))
+        self._agree("all_reduce", tensor.dtype, tensor.numel())
+        self._claim("all-reduce", [tensor])
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
 
     def broadcast(self, tensor: Tensor, src: int = 0) -> None:
         if not self.active:
             return
         self._count("broadcast", self._share(tensor.numel() * tensor.element_size()))
+        self._agree("broadcast", tensor.dtype, tensor.numel())
+        self._claim("broadcast", [tensor])
         dist.broadcast(tensor, src=self.global_rank(src), group=self.group)
 
     def all_gather_objects(self, obj: Any) -> list[Any]:

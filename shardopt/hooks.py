@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from .buffers import BucketBuffers, StorageBuffers
 from .comm import Communicator
@@ -109,7 +110,8 @@ class GradientReducer:
                     # so gradients are final as soon as backward() returns.
                     torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
                     self._callback_queued = True
-                self.take_grad(index, param)
+                with record_function("shardopt.grad_copy"):
+                    self.take_grad(index, param)
                 if self.overlap:
                     self.launch_ready()
 
@@ -137,7 +139,7 @@ class GradientReducer:
                 # nothing else writes it, and a copy would only cost time.
                 self.matrix_grads[index] = grad
             else:
-                target = torch.empty(param.numel(), dtype=dtype, device=param.device)
+                target = self.comm.empty(param.numel(), dtype, param.device)
                 self.matrix_grads[index] = target.zero_() if grad is None else target.copy_(grad)
         else:
             flat = self.buffers[unit.bucket].ensure_grad_flat()
@@ -159,6 +161,15 @@ class GradientReducer:
             self.next_launch += 1
 
     def _launch(self, position: int) -> None:
+        with record_function("shardopt.reduce_launch"):
+            self._launch_unit(position)
+        # Stage 2 keeps at most MAX_IN_FLIGHT gradient buffers in flight: waiting for
+        # the oldest frees it, so peak gradient memory is this rank's areas plus a
+        # bounded window, not the whole model's gradients.
+        while len(self.in_flight) > MAX_IN_FLIGHT and not self._keeps_flat(position):
+            self._complete(*self.in_flight.pop(0))
+
+    def _launch_unit(self, position: int) -> None:
         unit = self.units[position]
         if unit.bucket is None:
             # Each part of the matrix goes to the rank whose area holds it.
@@ -184,11 +195,6 @@ class GradientReducer:
             else:
                 work = self.comm.reduce_scatter_avg(buffers.grad_region(), flat, async_op=True)
                 self.in_flight.append((position, [work]))
-        # Stage 2 keeps at most MAX_IN_FLIGHT gradient buffers in flight: waiting for
-        # the oldest frees it, so peak gradient memory is this rank's areas plus a
-        # bounded window, not the whole model's gradients.
-        while len(self.in_flight) > MAX_IN_FLIGHT and not self._keeps_flat(position):
-            self._complete(*self.in_flight.pop(0))
 
     def _keeps_flat(self, position: int) -> bool:
         unit = self.units[position]
@@ -222,6 +228,10 @@ class GradientReducer:
         self.completion = None
 
     def _complete(self, position: int, works: list[Any]) -> None:
+        with record_function("shardopt.reduce_complete"):
+            self._complete_unit(position, works)
+
+    def _complete_unit(self, position: int, works: list[Any]) -> None:
         for work in works:
             work.wait()
         unit = self.units[position]
@@ -230,6 +240,7 @@ class GradientReducer:
             if unit.param in self.own_part:
                 at, low, high = self.own_part[unit.param]
                 self.storage_of[unit.param].ensure_grad_area()[at : at + high - low].copy_(grad[low:high])
+            self.comm.retire(grad)
         elif not self.buffers[unit.bucket].owner.keep_grad_flat:
             self.buffers[unit.bucket].release_grad_flat()
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from .buffers import StorageBuffers
 from .comm import Communicator
@@ -94,14 +95,19 @@ class MatrixStep:
             rule.finish(master[piece.region_offset : piece.region_offset + piece.numel], update,
                         self.shape_of[param], hp)
 
+        # Slices travel in the rule's exchange dtype, fixed by the hyperparameters and
+        # so the same on every rank; a rank with nothing to send must not infer it
+        # from its own (empty) tensors (docs/design/collectives.md).
+        wire = rule.exchange_dtype(hp, master.dtype)
+
         # Exchange 1: members send their slices of the directions to the owner.
         assembled: dict[int, Tensor] = {}
         if self.straddling:
-            received = self._exchange([[direction(p) for p in params] for params in self.send],
-                                      self.receive_counts, master)
+            received = self._exchange([[direction(p).to(wire) for p in params] for params in self.send],
+                                      self.receive_counts, wire)
             cursor = [sum(self.receive_counts[:r]) for r in range(self.comm.world_size)]
             for param, parts in self.assemble.items():
-                full = master.new_empty(parts[-1][2])
+                full = master.new_empty(parts[-1][2], dtype=wire)
                 for member, low, high in parts:
                     if member == rank:
                         full[low:high].copy_(direction(param))
@@ -116,9 +122,11 @@ class MatrixStep:
         for batch in rule.batches([self.shape_of[p] for p in owned], hp):
             params = [owned[i] for i in batch]
             inputs = [(assembled[p] if p in assembled else direction(p)).view(self.shape_of[p]) for p in params]
-            for param, update in zip(params, rule.transform(inputs, hp)):
+            with record_function("shardopt.matrix_transform"):
+                updates = rule.transform(inputs, hp)
+            for param, update in zip(params, updates):
                 if param in assembled:
-                    results[param] = update.reshape(-1)
+                    results[param] = update.reshape(-1).to(wire)
                 else:
                     finish(param, update)
             del inputs
@@ -132,7 +140,7 @@ class MatrixStep:
                         finish(param, results[param][low:high])
                     else:
                         back[member].append(results[param][low:high])
-            received = self._exchange(back, self.return_counts, master)
+            received = self._exchange(back, self.return_counts, wire)
             cursor = 0
             for params in self.send:
                 for param in params:
@@ -140,8 +148,9 @@ class MatrixStep:
                     finish(param, received[cursor : cursor + numel])
                     cursor += numel
 
-    def _exchange(self, to: list[list[Tensor]], from_counts: list[int], like: Tensor) -> Tensor:
+    def _exchange(self, to: list[list[Tensor]], from_counts: list[int], dtype: torch.dtype) -> Tensor:
         send_counts = [sum(t.numel() for t in parts) for parts in to]
         flat = [t for parts in to for t in parts]
-        send = torch.cat(flat) if flat else like.new_empty(0)
-        return self.comm.exchange(send, send_counts, from_counts)
+        send = torch.cat(flat) if flat else self.buffers.master.new_empty(0, dtype=dtype)
+        with record_function("shardopt.matrix_exchange"):
+            return self.comm.exchange(send, send_counts, from_counts, dtype)

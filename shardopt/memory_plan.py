@@ -365,9 +365,10 @@ def plan_rank_bytes(
                 # Groups update one after another: the largest group's peak.
                 buffers["muon workspace"] = max(buffers.get("muon workspace", 0), workspace)
                 # MatrixStep: the owned straddlers' assembled directions and results
-                # (master dtype, held between the two all-to-alls), plus what this
-                # rank sends in them.
-                exchange = (2 * share.straddler_numel.get(g, 0) + plan.exchange_numel(rank)) * itemsize(wide)
+                # (the rule's exchange dtype, held between the two all-to-alls), plus
+                # what this rank sends in them.
+                wire = rule.exchange_dtype(hp, wide)
+                exchange = (2 * share.straddler_numel.get(g, 0) + plan.exchange_numel(rank)) * itemsize(wire)
                 buffers["muon exchange"] = max(buffers.get("muon exchange", 0), exchange)
         if getattr(torch, precision.reduce) != wide:
             # ZeroOptimizer._grad_regions casts every used gradient region to the master dtype.

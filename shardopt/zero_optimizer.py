@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from . import checkpoint
 from .buffers import BucketBuffers, StorageBuffers, storage_bytes
@@ -227,7 +228,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         master = area if wide == first.dtype else area.to(wide)
         reduce_dtype = self.precision.reduce_dtype or first.dtype
         return StorageBuffers(storage, self.comm.rank, param_flat, master, reduce_dtype,
-                              keep_grad_flat=self.keep_grad_flat)
+                              keep_grad_flat=self.keep_grad_flat, poison=self.comm.poison)
 
     def _expose_grads(self) -> None:
         if not self.keep_grad_flat:
@@ -260,7 +261,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.reducer.finish()
+        with record_function("shardopt.reduce_wait"):
+            self.reducer.finish()
         grads = self._grad_regions()
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)
         for grad in grads:
@@ -278,20 +280,22 @@ class ZeroOptimizer(torch.optim.Optimizer):
             coef = self.max_grad_norm / (self.last_grad_norm + 1e-6)
             if coef < 1.0:
                 torch._foreach_mul_([g for g in grads if g.numel()], coef)
-        self._apply_rules(grads)
-        for storage in self.storages:
-            if storage.master_separate():
-                used = storage.used_numel
-                storage.param_area()[:used].copy_(storage.master[:used])
-        works = []
-        for buffers in self.buffers:
-            if buffers.bucket.storage.num_chunks == 1:
-                works.append(self.comm.all_gather_inplace(buffers.owner.param_flat, async_op=True))
-            else:
-                chunks = buffers.param_chunks
-                works.append(self.comm.all_gather_chunks(chunks, chunks[self.comm.rank], async_op=True))
-        for work in works:
-            work.wait()
+        with record_function("shardopt.update"):
+            self._apply_rules(grads)
+            for storage in self.storages:
+                if storage.master_separate():
+                    used = storage.used_numel
+                    storage.param_area()[:used].copy_(storage.master[:used])
+        with record_function("shardopt.all_gather"):
+            works = []
+            for buffers in self.buffers:
+                if buffers.bucket.storage.num_chunks == 1:
+                    works.append(self.comm.all_gather_inplace(buffers.owner.param_flat, async_op=True))
+                else:
+                    chunks = buffers.param_chunks
+                    works.append(self.comm.all_gather_chunks(chunks, chunks[self.comm.rank], async_op=True))
+            for work in works:
+                work.wait()
         self.reducer.reset()
         return loss
 

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# For every test and every process a test starts (spawned ranks and launched jobs
+# inherit the environment): fresh and released communication buffers are NaN, so
+# a read of an element no collective wrote fails the comparison with the oracle
+# (shardopt/comm.py). The cross-rank agreement check costs one small collective
+# per collective; the Muon, scale and collective workers turn it on themselves.
+os.environ.setdefault("SHARDOPT_POISON_BUFFERS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ in the same process: the oracle.
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from torch import nn
@@ -70,18 +71,23 @@ def max_diff(a: nn.Module, b: nn.Module) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
 
 
-def _pair(**zero_kwargs):
+def _pair(hp: dict | None = None, **zero_kwargs):
+    hp = {**HP, **(hp or {})}
     torch.manual_seed(0)
     model = MuonNet()
     ref = copy.deepcopy(model)
-    opt = shardopt.ZeroOptimizer(shardopt.muon_param_groups(model), shardopt.Muon, **zero_kwargs, **HP)
-    return model, ref, opt, shardopt.Muon(shardopt.muon_param_groups(ref), **HP)
+    opt = shardopt.ZeroOptimizer(shardopt.muon_param_groups(model), shardopt.Muon, **zero_kwargs, **hp)
+    return model, ref, opt, shardopt.Muon(shardopt.muon_param_groups(ref), **hp)
 
 
 def _train(rank: int, world: int, model, ref, opt, ref_opt, *, clip: float | None = None,
            poison_step: int | None = None) -> dict[str, object]:
-    """STEPS steps; the branch runs on rank 0's slice only (a missing gradient elsewhere)."""
-    counts, skipped = [], []
+    """STEPS steps; the branch runs on rank 0's slice only (a missing gradient elsewhere).
+
+    Rank 0 runs the oracle (``diff``, ``first_diff``, ``momentum_diff``; ``None`` on
+    other ranks, which report a digest of their parameters instead).
+    """
+    counts, skipped, first_diff = [], [], None
     for step in range(STEPS):
         tokens = batch(step)
         slices = tokens.chunk(world)
@@ -96,6 +102,8 @@ def _train(rank: int, world: int, model, ref, opt, ref_opt, *, clip: float | Non
         if step == poison_step:
             skipped.append(opt.num_skipped_steps)
             continue  # the oracle skips the step too: no update, no momentum change
+        if rank != 0:
+            continue
         # The oracle: the mean of the ranks' losses, each on its own slice.
         total = sum(loss_of(ref, part, use_branch=r == 0) for r, part in enumerate(slices)) / world
         total.backward()
@@ -103,27 +111,57 @@ def _train(rank: int, world: int, model, ref, opt, ref_opt, *, clip: float | Non
             nn.utils.clip_grad_norm_(ref.parameters(), clip)
         ref_opt.step()
         ref_opt.zero_grad()
+        if first_diff is None:
+            first_diff = max_diff(model, ref)
     full = opt.full_state_dict()
-    momentum_diff = 0.0
+    momentum_diff = None
     if full is not None:
+        momentum_diff = 0.0
         ref_state = ref_opt.state_dict()["state"]
         for index, entry in full["state"].items():
             if "momentum_buffer" in entry:
                 theirs = ref_state[index]["momentum_buffer"]
                 momentum_diff = max(momentum_diff, (entry["momentum_buffer"] - theirs).abs().max().item())
-    return {"diff": max_diff(model, ref), "momentum_diff": momentum_diff, "orthogonalized": counts,
+    return {"diff": max_diff(model, ref) if rank == 0 else None, "first_diff": first_diff,
+            "momentum_diff": momentum_diff, "digest": [p.double().sum().item() for p in model.parameters()],
+            "orthogonalized": counts, "params": [p.detach().clone() for p in model.parameters()],
             "skipped": skipped, "straddlers": len(opt.plan.straddlers), "exchange": opt.comm_stats().get("exchange", 0),
-            "planned_exchange": opt.plan.exchange_numel(opt.comm.rank) * 4 * STEPS,
+            "planned_exchange": opt.plan.exchange_numel(opt.comm.rank) * wire_itemsize(opt) * STEPS,
             "num_buckets": len(opt.plan.buckets), "comm": opt.comm_stats(),
             "padding": opt.plan.padding_numel}
 
 
+EQUIVALENCE = [(layout, stage, bucket_numel, ns_dtype)
+               for layout, stage, bucket_numel in (("balanced", 2, 400), ("balanced", 1, 400), ("whole", 2, 400),
+                                                   ("balanced", 2, 1 << 20))
+               for ns_dtype in ("float32", "bfloat16")]
+
+
+def wire_itemsize(opt: shardopt.ZeroOptimizer) -> int:
+    """Bytes per element of the straddler exchange: the Muon group's Newton-Schulz dtype."""
+    group = next(g for g in opt.param_groups if g.get("use_muon", True))
+    return torch.empty((), dtype=opt.inner.muon_rule.exchange_dtype(group, torch.float32)).element_size()
+
+
 def equivalence(rank: int, world: int) -> dict[str, object]:
+    """Every layout and stage, with fp32 and with the default bf16 Newton-Schulz.
+
+    The balanced layout with small buckets (straddlers, several all-gathers in
+    flight) runs twice from the same seed: ``rerun_diff`` is the largest difference
+    between the two runs' parameters (0.0 when the run is deterministic).
+    """
     out = {}
-    for layout, stage, bucket_numel in (("balanced", 2, 400), ("balanced", 1, 400), ("whole", 2, 400),
-                                        ("balanced", 2, 1 << 20)):
-        model, ref, opt, ref_opt = _pair(stage=stage, matrix_layout=layout, bucket_numel=bucket_numel)
-        out[f"{layout}-{stage}-{bucket_numel}"] = _train(rank, world, model, ref, opt, ref_opt)
+    for layout, stage, bucket_numel, ns_dtype in EQUIVALENCE:
+        runs = []
+        for _ in range(2 if (layout, bucket_numel) == ("balanced", 400) else 1):
+            model, ref, opt, ref_opt = _pair({"ns_dtype": ns_dtype}, stage=stage, matrix_layout=layout,
+                                             bucket_numel=bucket_numel)
+            runs.append(_train(rank, world, model, ref, opt, ref_opt))
+        first, second = runs[0], runs[-1]
+        first["rerun_diff"] = max((a - b).abs().max().item() for a, b in zip(first["params"], second["params"]))
+        first["reran"] = len(runs) == 2
+        del first["params"]
+        out[f"{layout}-{stage}-{bucket_numel}-{ns_dtype}"] = first
     return out
 
 
@@ -131,7 +169,9 @@ def semantics(rank: int, world: int) -> dict[str, object]:
     """Clipping acts on raw gradients before momentum; a non-finite gradient skips the
     step without touching momentum; missing gradients count as zeros."""
     model, ref, opt, ref_opt = _pair(max_grad_norm=0.5, bucket_numel=400)
-    return _train(rank, world, model, ref, opt, ref_opt, clip=0.5, poison_step=7)
+    out = _train(rank, world, model, ref, opt, ref_opt, clip=0.5, poison_step=7)
+    del out["params"]
+    return out
 
 
 def _lockstep(rank: int, world: int, steps: range, model, opt, ref, ref_opt) -> None:
@@ -203,4 +243,7 @@ def adamw_comm(rank: int, world: int) -> dict[str, object]:
 
 
 def suite(rank: int, world: int, programs: list[str]) -> dict[str, object]:
+    # Every collective compared across ranks first (shardopt/comm.py): a rank issuing
+    # another dtype or count than its peers raises instead of misreading bytes.
+    os.environ["SHARDOPT_CHECK_COLLECTIVES"] = "1"
     return {name: globals()[name](rank, world) for name in programs}

@@ -14,6 +14,14 @@ from dist_harness import run_ranks
 
 PROGRAMS = ["equivalence", "semantics", "reshard", "bf16", "adamw_comm"]
 TOL = 1e-5  # fp32 Newton-Schulz; measured <= 6e-7
+# bf16 Newton-Schulz (the default). At two ranks the averaged gradient is computed
+# with the oracle's arithmetic and the runs agree bitwise (measured 0.0). At three
+# and four, a mean of per-rank means rounds differently in the last fp32 bit, and
+# bf16 Newton-Schulz turns that into a bf16-ulp difference of an update:
+# measured <= 2.4e-4 after the first step and 0.021 after 20 steps (the weights
+# move ~0.3). The defect these tests guard against (slices exchanged in the
+# wrong dtype) gave differences of 1e13 to 1e29.
+BF16_TOL = {"first": 1e-3, "final": 0.06}
 
 
 @functools.cache
@@ -25,10 +33,16 @@ def per_rank(world_size: int, program: str) -> list:
     return [out[program] for out in results(world_size)]
 
 
-def _check_run(outs: list[dict], world_size: int, skipped_step: int | None = None) -> None:
+def _check_run(outs: list[dict], world_size: int, skipped_step: int | None = None, bf16: bool = False) -> None:
+    root = outs[0]  # rank 0 runs the oracle; the others must hold rank 0's parameters
+    if bf16 and world_size > 2:
+        assert root["first_diff"] <= BF16_TOL["first"], root["first_diff"]
+        assert root["diff"] <= BF16_TOL["final"] and root["momentum_diff"] <= BF16_TOL["final"], root["diff"]
+    else:
+        assert root["diff"] <= TOL
+        assert root["momentum_diff"] <= TOL
     for out in outs:
-        assert out["diff"] <= TOL
-        assert out["momentum_diff"] <= TOL
+        assert out["digest"] == root["digest"]
         # The exchange moves exactly what the plan says, each step.
         steps = w.STEPS - (skipped_step is not None)
         assert out["exchange"] == out["planned_exchange"] // w.STEPS * steps
@@ -40,10 +54,15 @@ def _check_run(outs: list[dict], world_size: int, skipped_step: int | None = Non
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-@pytest.mark.parametrize("variant", ["balanced-2-400", "balanced-1-400", "whole-2-400", "balanced-2-1048576"])
+@pytest.mark.parametrize("variant", [
+    f"{layout}-{stage}-{bucket}-{ns}" for layout, stage, bucket, ns in w.EQUIVALENCE])
 def test_zero_muon_equals_single_process_muon(world_size, variant):
     outs = [out[variant] for out in per_rank(world_size, "equivalence")]
-    _check_run(outs, world_size)
+    _check_run(outs, world_size, bf16=variant.endswith("bfloat16"))
+    assert outs[0]["reran"] == ("balanced" in variant and "-400-" in variant)
+    for out in outs:
+        # The same run twice gives the same bits.
+        assert out["rerun_diff"] == 0.0
     if variant.startswith("whole") or world_size == 1:
         assert outs[0]["straddlers"] == 0
     else:

@@ -15,10 +15,12 @@ from dist_harness import run_ranks
 TOL = 1e-6
 PROGRAMS = {
     1: ["equivalence", "muon"],
-    2: ["equivalence", "features", "precision", "memory_and_comm", "checkpoints", "muon", "ddp_detect"],
-    3: ["equivalence", "features", "memory_and_comm", "checkpoints", "muon"],
-    4: ["equivalence", "memory_and_comm", "muon", "startup"],
+    2: ["equivalence", "features", "precision", "memory_and_comm", "checkpoints", "muon", "ddp_detect",
+        "determinism"],
+    3: ["equivalence", "features", "memory_and_comm", "checkpoints", "muon", "determinism"],
+    4: ["equivalence", "memory_and_comm", "muon", "startup", "determinism"],
 }
+
 
 
 @functools.cache
@@ -39,6 +41,29 @@ def test_every_elementwise_rule_equals_unsharded(world_size):
         assert root[case] <= TOL, f"{case}: max abs diff {root[case]:.3g} > {TOL}"
         for rank, out in enumerate(outs):
             assert out[f"{case}/digest"] == root[f"{case}/digest"], f"rank {rank} differs: {case}"
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_every_elementwise_rule_repeats_bitwise_in_fp32_and_bf16(world_size):
+    outs = per_rank(world_size, "determinism")
+    root = outs[0]
+    for name, *_ in w.CASES:
+        for stage in (1, 2):
+            for dtype in ("float32", "bfloat16"):
+                key = f"{name}/stage{stage}/{dtype}"
+                assert root[f"{key}/buckets"] >= 3, key  # several reductions in flight
+                if stage == 2 or world_size <= 2:
+                    # The oracle gets the rank-ordered mean of the same gradients (and, for
+                    # bf16, fp32 master weights rounded into the model): equal bit for bit.
+                    assert root[key] == 0.0, f"{key}: {root[key]:.3g} from the unsharded optimizer"
+                else:
+                    # Stage 1 all-reduces with gloo's ring, which sums each chunk starting
+                    # at another rank: last-bit differences (measured 1.5e-8), at most one
+                    # ulp once rounded to bf16.
+                    assert root[f"{key}/beyond_ulp"] <= 1e-6, f"{key}: {root[key]:.3g} from the oracle"
+                for rank, out in enumerate(outs):
+                    assert out[f"{key}/rerun"] == 0.0, f"rank {rank}: {key} differs between two runs"
+                    assert out[f"{key}/digest"] == root[f"{key}/digest"], f"rank {rank} differs: {key}"
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

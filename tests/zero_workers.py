@@ -113,6 +113,68 @@ def equivalence(rank: int, world: int, steps: int = 20) -> dict[str, float]:
     return out
 
 
+def _oracle(reference: type, hp: dict, dtype: torch.dtype, world: int, steps: int) -> nn.Module:
+    """The unsharded ``reference`` optimizer given exactly what ZeroOptimizer computes with.
+
+    A ``dtype`` model runs forward and backward on each rank's slice in turn; the
+    gradients, cast to fp32, are summed in rank order and divided by the number of
+    ranks (the reductions' arithmetic) and stepped on fp32 master weights (copied
+    from the model's own, rounded, weights), which are then rounded into the model.
+    """
+    torch.manual_seed(0)
+    model = TinyLM().to(dtype)
+    master = model if dtype == torch.float32 else copy.deepcopy(model).float()
+    opt = reference(master.parameters(), **hp)
+    for step in range(steps):
+        total = [torch.zeros_like(p) for p in master.parameters()]
+        for part in batch(step).chunk(world):
+            lm_loss(model, part).backward()
+            for acc, p in zip(total, model.parameters()):
+                acc.add_(p.grad.float())
+                p.grad = None
+        for acc, p in zip(total, master.parameters()):
+            p.grad = acc.div_(world)
+        opt.step()
+        opt.zero_grad()
+        if model is not master:
+            with torch.no_grad():
+                for p, m in zip(model.parameters(), master.parameters()):
+                    p.copy_(m)
+    return model
+
+
+def determinism(rank: int, world: int, steps: int = 3) -> dict[str, float]:
+    """Every elementwise rule, both stages, fp32 and bf16 parameters, several buckets
+    in flight: two runs from the same seed give the same bits, and rank 0 reports
+    the distance to the unsharded optimizer fed the same averaged gradients."""
+    out = {}
+    for name, ours, reference, hp in CASES:
+        for dtype in (torch.float32, torch.bfloat16):
+            oracle = _oracle(reference, hp, dtype, world, steps) if rank == 0 else None
+            for stage in (1, 2):
+                runs = []
+                for _ in range(2):
+                    torch.manual_seed(0)
+                    model = TinyLM().to(dtype)
+                    opt = shardopt.ZeroOptimizer(model.parameters(), ours, stage=stage, bucket_numel=97, **hp)
+                    for step in range(steps):
+                        lm_loss(model, local(batch(step), rank, world)).backward()
+                        opt.step()
+                        opt.zero_grad()
+                    runs.append(model)
+                key = f"{name}/stage{stage}/{str(dtype).removeprefix('torch.')}"
+                out[f"{key}/rerun"] = max_diff(*runs)
+                out[f"{key}/buckets"] = len(opt.plan.buckets)
+                out[f"{key}/digest"] = digest(runs[0])
+                if oracle is not None:
+                    out[key] = max_diff(runs[0], oracle)
+                    # Beyond one ulp of the run's dtype (bf16: 2^-7 relative; fp32: none).
+                    ulp = 2.0**-7 if dtype == torch.bfloat16 else 0.0
+                    out[f"{key}/beyond_ulp"] = max((a.float() - b.float()).abs().sub(b.float().abs() * ulp).max().item()
+                                                   for a, b in zip(runs[0].parameters(), oracle.parameters()))
+    return out
+
+
 def digest(model: nn.Module) -> list[float]:
     return [p.detach().double().sum().item() for p in model.parameters()]
 

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 
 class Granularity(enum.Enum):
@@ -219,6 +220,18 @@ class MatrixRule(UpdateRule):
     def finish(self, param: Tensor, update: Tensor, shape: tuple[int, ...], hp: Mapping[str, Any]) -> None:
         """Apply ``update`` (same slice as ``param``) of a matrix of ``shape`` in place."""
 
+    def exchange_dtype(self, hp: Mapping[str, Any], master_dtype: torch.dtype) -> torch.dtype:
+        """The dtype in which slices of directions travel to a matrix's owner and slices
+        of the transformed update travel back.
+
+        It must depend on ``hp`` and the master dtype only, never on a rank's
+        local tensors: every rank of an exchange must agree on it, including
+        ranks with nothing to send. Converting a direction to it before the
+        exchange must not change :meth:`transform`'s result. The default is the
+        master dtype (exact for any rule).
+        """
+        return master_dtype
+
     def update(
         self,
         params: list[Tensor],
@@ -233,7 +246,9 @@ class MatrixRule(UpdateRule):
             # Directions per batch, not for all matrices at once: each is a
             # temporary as large as the matrices it covers.
             directions = [self.direction(grads[i], states[i], hp) for i in batch]
-            for i, update in zip(batch, self.transform(directions, hp)):
+            with record_function("shardopt.matrix_transform"):
+                updates = self.transform(directions, hp)
+            for i, update in zip(batch, updates):
                 self.finish(params[i], update, tuple(params[i].shape), hp)
 
 

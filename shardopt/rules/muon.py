@@ -149,6 +149,11 @@ class MuonRule(MatrixRule):
         self.num_orthogonalized += len(directions) * (shape[0] if len(shape) == 3 else 1)
         return outputs
 
+    def exchange_dtype(self, hp: Mapping[str, Any], master_dtype: torch.dtype) -> torch.dtype:
+        # Newton-Schulz first casts its input to ns_dtype (orthogonalize) and returns
+        # ns_dtype, so slices travel in it at no change of result: bf16 halves the bytes.
+        return resolve_ns_dtype(hp["ns_dtype"])
+
     @torch.no_grad()
     def finish(self, param: Tensor, update: Tensor, shape: tuple[int, ...], hp: Mapping[str, Any]) -> None:
         lr, weight_decay = hp["lr"], hp["weight_decay"]

@@ -1,0 +1,66 @@
+"""The Communicator's guarantees: ranks that disagree raise instead of misreading bytes,
+and a buffer owned by an in-flight collective cannot be touched by another."""
+
+from __future__ import annotations
+
+import functools
+
+import collective_workers as w
+import pytest
+import torch
+from dist_harness import run_ranks
+
+from shardopt.comm import POISON_ENV, Communicator, flag_from_env
+
+PROGRAMS = ["mismatched_exchange_dtype", "mismatched_exchange_counts", "mismatched_all_gather", "ownership",
+            "poison"]
+
+
+@functools.cache
+def results(world_size: int) -> list[dict]:
+    return run_ranks(w.suite, world_size, PROGRAMS, timeout=120)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_dtype_disagreement_raises_on_every_rank(world_size):
+    outs = [out["mismatched_exchange_dtype"] for out in results(world_size)]
+    for out in outs:
+        assert out.startswith("CollectiveMismatchError") and "kind or dtype" in out, out
+        assert "bfloat16" in out and "float32" in out
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_count_disagreements_raise_on_every_rank(world_size):
+    for out in results(world_size):
+        assert out["mismatched_exchange_counts"].startswith("CollectiveMismatchError"), out
+        assert "sends and its peer expects" in out["mismatched_exchange_counts"]
+        assert out["mismatched_all_gather"].startswith("CollectiveMismatchError"), out
+        assert "element count" in out["mismatched_all_gather"]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_in_flight_buffers_are_owned_until_waited(world_size):
+    for out in results(world_size):
+        owned = out["ownership"]
+        assert owned["owned"] == 2  # the reduce-scatter's input and output
+        assert owned["overlapping"].startswith("BufferOwnershipError") and "reduce-scatter" in owned["overlapping"]
+        assert owned["disjoint"] == "no error"
+        assert owned["after"] == 0
+        assert owned["mean_ok"]
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_poisoning_fills_fresh_and_retired_buffers_with_nan(world_size):
+    for out in results(world_size):
+        assert out["poison"] == {"fresh_nan": True, "retired_nan": True, "kept": True}
+
+
+def test_exchange_refuses_a_send_buffer_of_another_dtype():
+    comm = Communicator(None)
+    with pytest.raises(TypeError, match="send buffer is torch.float32, the exchange carries torch.bfloat16"):
+        comm.exchange(torch.ones(2), [2], [2], torch.bfloat16)
+
+
+def test_the_suite_poisons_buffers():
+    # conftest.py turns poisoning on for every test and every rank they spawn.
+    assert flag_from_env(POISON_ENV)
