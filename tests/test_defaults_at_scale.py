@@ -21,8 +21,7 @@ def results(world_size: int) -> list[dict]:
     return run_ranks(w.suite, world_size, ["defaults"], timeout=400)
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("config", list(w.CONFIGS))
+@pytest.mark.parametrize(("world_size", "config"), [(2, name) for name in w.CONFIGS] + [(3, "muon")])
 def test_defaults_equal_the_unsharded_optimizer_and_repeat_bitwise(world_size, config):
     outs = [out["defaults"][config] for out in results(world_size)]
     root = outs[0]
