@@ -32,6 +32,9 @@ PRESETS = {
     "tiny": GPTConfig(seq_len=128, num_layers=4, num_heads=4, hidden=128),
     # about 25M parameters: the benchmarks' model
     "bench": GPTConfig(seq_len=128, num_layers=8, num_heads=8, hidden=512),
+    # about 82M parameters (57M in hidden matrices): the model on which distributed
+    # Muon's bf16 exchange defect was found (docs/design/collectives.md)
+    "gpt82m": GPTConfig(vocab_size=16384, seq_len=128, num_layers=8, num_heads=12, hidden=768),
 }
 
 

@@ -244,6 +244,15 @@ class GradientReducer:
         elif not self.buffers[unit.bucket].owner.keep_grad_flat:
             self.buffers[unit.bucket].release_grad_flat()
 
+    def close(self) -> None:
+        """Wait for reductions in flight and remove the backward hooks."""
+        while self.in_flight:
+            self._complete(*self.in_flight.pop(0))
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.sync_enabled = False
+
     def buffer_bytes(self) -> int:
         """Bytes of gradient buffers alive for reductions not yet completed (stage 2)."""
         flats = sum(b.grad_flat.untyped_storage().nbytes() for b in self.buffers if b.grad_flat is not None)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,11 @@ _TORCH_EQUIVALENTS: dict[type, type[RuleOptimizer]] = {
     torch.optim.Adam: Adam,
     torch.optim.AdamW: AdamW,
 }
+
+# id(param) -> the live ZeroOptimizer whose backward hooks take that parameter's
+# gradient. Weak: an optimizer nobody holds any more drops out. (Its hooks hold it
+# alive as long as they are registered, which is why close() exists.)
+_OWNERS: weakref.WeakValueDictionary[int, ZeroOptimizer] = weakref.WeakValueDictionary()
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
     Where a parameter has no gradient on any rank in a step, it is updated as if
     its gradient were zero (momentum and weight decay still act), unlike
     torch.optim, which skips it: every rank must run the same collectives.
+
+    The optimizer's backward hooks take its parameters' gradients until
+    :meth:`close`; another ZeroOptimizer on the same parameters is refused
+    until then.
     """
 
     def __init__(
@@ -158,6 +168,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         )
         warn_if_padded(self.plan)
         _reject_ddp(self.params.values(), self.inner.param_label)
+        self._reject_owned()
         self._verify_same_params(infos)
         self.storages = [self._make_storage(storage) for storage in self.plan.storages]
         self.buffers = [BucketBuffers(bucket, self.storages[bucket.storage.index]) for bucket in self.plan.buckets]
@@ -169,6 +180,40 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.plan, self.buffers, self.storages, self.params, self.comm, overlap=overlap,
             label=self.inner.param_label, on_reduced=self._expose_grads,
         )
+        self.closed = False
+        for param in self.params.values():
+            _OWNERS[id(param)] = self
+
+    def _reject_owned(self) -> None:
+        """Raise if another live ZeroOptimizer's hooks still take one of these parameters' gradients."""
+        for param in self.params.values():
+            other = _OWNERS.get(id(param))
+            if other is not None and other is not self:
+                raise ValueError(
+                    f"Invalid params: {self.inner.param_label(param)} is already managed by another "
+                    "ZeroOptimizer, whose backward hooks take its gradient (this optimizer would step "
+                    "with zeros); call close() on that optimizer first"
+                )
+
+    def close(self) -> None:
+        """Release the parameters: remove the backward hooks, wait for reductions in flight
+        and drop the gradient buffers and optimizer state.
+
+        The parameters keep their values (views of this optimizer's storages) and
+        may be given to a new optimizer; this one can no longer step. Idempotent.
+        """
+        if getattr(self, "closed", True):
+            return
+        self.reducer.close()
+        for buffers in self.storages:
+            buffers.grad_flat = buffers.grad_area = None
+            buffers.states = {}
+        for bucket in self.buffers:
+            bucket.grad_flat = None
+        for param in self.params.values():
+            if _OWNERS.get(id(param)) is self:
+                del _OWNERS[id(param)]
+        self.closed = True
 
     # ------------------------------------------------------------------ setup
 
@@ -257,6 +302,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        if self.closed:
+            raise RuntimeError("ZeroOptimizer.step(): this optimizer was closed; build a new one")
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -32,6 +32,35 @@ def test_world_size_one_equals_the_wrapped_optimizer_bitwise(name, ours, referen
         assert torch.equal(p, q)
 
 
+def test_a_second_optimizer_on_the_same_parameters_waits_for_close():
+    # Before close() existed, the first optimizer's hooks kept taking the gradients
+    # and the second one stepped with zeros, silently.
+    torch.manual_seed(0)
+    model = w.TinyLM()
+    ref = copy.deepcopy(model)
+    first = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, **w.HP)
+    run(model, first, steps=2)
+    with pytest.raises(ValueError, match=r"gate is already managed by another ZeroOptimizer.*close\(\)"):
+        shardopt.ZeroOptimizer(model.named_parameters(), shardopt.AdamW, **w.HP)
+    first.close()
+    first.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        first.step()
+    second = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, **w.HP)
+    run(model, second, steps=3, start=2)
+    ref_first = torch.optim.AdamW(ref.parameters(), **w.HP)
+    run(ref, ref_first, steps=2)
+    run(ref, torch.optim.AdamW(ref.parameters(), **w.HP), steps=3, start=2)  # fresh state, as `second`
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_dropped_optimizer_releases_its_parameters_once_closed():
+    model = w.TinyLM()
+    shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, lr=1e-3).close()
+    shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, lr=1e-3)  # no error
+
+
 def test_torch_optim_classes_map_to_shardopt_and_others_are_refused():
     model = w.TinyLM()
     opt = shardopt.ZeroOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
