@@ -12,6 +12,15 @@ job of ``--world`` gloo ranks on 127.0.0.1 training a byte-level GPT
   every default (bf16 Newton-Schulz, balanced layout, straddling matrices) and
   ``bucket_numel`` small enough for several all-gather buckets.
 
+* ``init-no-destroy``: ``shardopt.dist.init_from_env()``, 300 gloo all-reduces, exit
+  without ``destroy_process_group()`` (shardopt destroys the group at exit);
+* ``gloo-no-destroy`` (a control, not run by default): plain ``torch.distributed``,
+  no shardopt: 300 gloo all-reduces, then exit *without*
+  ``destroy_process_group()``. It aborts with ``terminate called without an
+  active exception`` in some runs (measured 1-5 of 10): the crash torch and gloo
+  give a process that exits with a live process group. shardopt's own
+  ``init_from_env`` destroys its group at exit.
+
 A run is abnormal when torchrun exits non-zero, when any rank's output holds
 ``terminate called``, ``Segmentation fault`` or ``Aborted``, or when the ranks
 end with different parameters (a digest each rank prints). Prints one line per
@@ -30,23 +39,37 @@ import sys
 import time
 from collections.abc import Sequence
 
-VARIANTS = ("adamw-fp32", "adamw-bf16", "muon-bf16")
+VARIANTS = ("adamw-fp32", "adamw-bf16", "muon-bf16", "init-no-destroy")
+CONTROLS = ("gloo-no-destroy",)
 CRASH_MARKERS = ("terminate called", "Segmentation fault", "Aborted", "core dumped")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def worker(args: argparse.Namespace) -> None:
     """One rank of one job (run under torchrun)."""
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
     import torch
     import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if args.variant == "init-no-destroy":
+        from shardopt.dist import init_from_env
+
+        init_from_env("gloo")
+    else:
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.variant.endswith("no-destroy"):  # the control does not even import shardopt
+        value = torch.ones(16)
+        for _ in range(300):
+            dist.all_reduce(value)
+        print(f"rank {rank} digest {float(value.sum())!r} skipped 0", flush=True)
+        return  # leaves the process group alive at exit
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
     from gpt_model import GPT, GPTConfig
 
     import shardopt
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=args.vocab, seq_len=64, num_layers=args.layers, num_heads=4, hidden=args.hidden)
     model = GPT(config)
@@ -100,7 +123,7 @@ def launch(args: argparse.Namespace, variant: str) -> tuple[bool, str]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=30, help="launches per variant")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS + CONTROLS, default=list(VARIANTS))
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--hidden", type=int, default=256)
@@ -109,7 +132,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--bucket-numel", type=int, default=1 << 18)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per launch")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS + CONTROLS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
