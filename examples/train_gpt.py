@@ -35,11 +35,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpt_model import GPT, PRESETS, num_params  # noqa: E402
+from gpt_model import GPT, PRESETS, num_params
 
-import shardopt  # noqa: E402
-from shardopt import schedules  # noqa: E402
-from shardopt.dist import device_for_backend, init_from_env  # noqa: E402
+import shardopt
+from shardopt import schedules
+from shardopt.dist import device_for_backend, init_from_env
 
 OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
     "sgd": (shardopt.SGD, {"lr": 0.3}),

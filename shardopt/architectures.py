@@ -319,7 +319,7 @@ def backward_order(names: list[str]) -> list[str]:
         if len(parts) > 3 and parts[1] in ("layers", "h"):
             rest = ".".join(parts[3:])
             use = next((r for r, token in enumerate(_USE) if token in rest), len(_USE))
-            expert = (int(parts[5]), "w1 w3 w2".split().index(parts[6])) if "experts." in rest else (0, 0)
+            expert = (int(parts[5]), ["w1", "w3", "w2"].index(parts[6])) if "experts." in rest else (0, 0)
             return (1, int(parts[2]), use, *expert, position)
         outer = next((v for k, v in _OUTER.items() if k in name), 1)
         return (outer, 0, 0, 0, 0, position)

@@ -76,7 +76,7 @@ def _stage(text: str) -> int:
 def _gpu(text: str) -> str | int:
     if text.isdigit():
         return int(text)
-    return _choice("gpu", list(memory.GPUS) + ["BYTES"])(text)
+    return _choice("gpu", [*memory.GPUS, "BYTES"])(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,9 +140,8 @@ def _estimate(args: argparse.Namespace, optimizer: str, stage: int, dp: int) -> 
 def _plan(args: argparse.Namespace) -> int:
     if args.sequence_parallel and args.tp == 1:
         raise ValueError("Invalid sequence_parallel: it splits activations across --tp ranks; give --tp > 1")
-    if args.search or args.plot:
-        if len(args.optimizer) > 1:
-            raise ValueError("Invalid optimizer: --search and --plot take one optimizer")
+    if (args.search or args.plot) and len(args.optimizer) > 1:
+        raise ValueError("Invalid optimizer: --search and --plot take one optimizer")
     if args.plot:
         _plot(args, args.plot)
     if args.search:

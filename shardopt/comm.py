@@ -191,7 +191,8 @@ class Communicator:
     # ------------------------------------------------------------ guarantees
 
     def _claim(self, op: str, tensors: list[Tensor]) -> list[tuple[int, int, int, str]]:
-        """Raise if any of ``tensors`` overlaps a buffer an in-flight collective owns; else own them."""
+        """Raise if any of ``tensors`` overlaps a buffer an in-flight collective owns; else the
+        claim that :meth:`_own` registers once the collective is issued."""
         claim = []
         for tensor in tensors:
             address, low, high = _byte_range(tensor)
@@ -206,8 +207,8 @@ class Communicator:
             claim.append((address, low, high, op))
         return claim
 
-    def _own(self, op: str, work: Any, tensors: list[Tensor]) -> _Owned:
-        claim = self._claim(op, tensors)
+    def _own(self, work: Any, claim: list[tuple[int, int, int, str]]) -> _Owned:
+        """``work``'s buffers (``claim``) stay owned until its ``wait()``."""
         self._owned.extend(claim)
         return _Owned(work, self, claim)
 
@@ -289,14 +290,14 @@ class Communicator:
             received = self.empty(flat.numel(), flat.dtype, flat.device)
             claim = self._claim("reduce-scatter", [output, flat])
             work = dist.all_to_all_single(received, flat, group=self.group, async_op=True)
-            self._owned.extend(claim)
-            done = _MeanOnWait(_Owned(work, self, claim), received, output, self.world_size, own_rank=None)
+            done = _MeanOnWait(self._own(work, claim), received, output, self.world_size, own_rank=None)
             if not async_op:
                 done.wait()
             return done
         self._agree("reduce_scatter", flat.dtype, flat.numel())
+        claim = self._claim("reduce-scatter", [output, flat])
         work = _reduce_scatter_flat(output, flat, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
-        return self._own("reduce-scatter", work, [output, flat]) if async_op else work
+        return self._own(work, claim) if async_op else work
 
     def reduce_avg(self, tensor: Tensor, dst: int, *, async_op: bool = False):
         """``tensor`` on rank ``dst`` <- mean over ranks of ``tensor`` (others' copies are scratch).
@@ -321,15 +322,15 @@ class Communicator:
             claim = self._claim("reduce", [tensor])
             work = dist.all_to_all_single(received, tensor if not mine else tensor.new_empty(0), receive, send,
                                           group=self.group, async_op=True)
-            self._owned.extend(claim)
-            done = _MeanOnWait(_Owned(work, self, claim), received, tensor if mine else None, self.world_size,
+            done = _MeanOnWait(self._own(work, claim), received, tensor if mine else None, self.world_size,
                                own_rank=dst)
             if not async_op:
                 done.wait()
             return done
         self._agree("reduce", tensor.dtype, tensor.numel())
+        claim = self._claim("reduce", [tensor])
         work = dist.reduce(tensor, self.global_rank(dst), op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
-        return self._own("reduce", work, [tensor]) if async_op else work
+        return self._own(work, claim) if async_op else work
 
     def all_gather_inplace(self, flat: Tensor, *, async_op: bool = False):
         """Every rank's region of ``flat`` to every rank; this rank sends its own."""
@@ -341,10 +342,7 @@ class Communicator:
         self._agree("all_gather", flat.dtype, flat.numel())
         claim = self._claim("all-gather", [flat])
         work = _all_gather_flat(flat, local, group=self.group, async_op=async_op)
-        if not async_op:
-            return work
-        self._owned.extend(claim)
-        return _Owned(work, self, claim)
+        return self._own(work, claim) if async_op else work
 
     def all_gather_chunks(self, outputs: list[Tensor], local: Tensor, *, async_op: bool = False):
         """``outputs[r]`` <- rank ``r``'s ``local`` (equal sizes; ``local`` may be ``outputs[rank]``)."""
@@ -355,10 +353,7 @@ class Communicator:
         claim = self._claim("all-gather", outputs)
         if self.gloo:
             work = dist.all_gather(outputs, local, group=self.group, async_op=async_op)
-            if not async_op:
-                return work
-            self._owned.extend(claim)
-            return _Owned(work, self, claim)
+            return self._own(work, claim) if async_op else work
         # NCCL gathers list outputs through one flat buffer anyway; do it here so the
         # bytes are sent once, then copy into the (non-adjacent) chunks.
         flat = torch.empty(len(outputs) * local.numel(), dtype=local.dtype, device=local.device)
@@ -405,10 +400,7 @@ class Communicator:
         self._agree("all_reduce", tensor.dtype, tensor.numel())
         claim = self._claim("all-reduce", [tensor])
         work = dist.all_reduce(tensor, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
-        if not async_op:
-            return work
-        self._owned.extend(claim)
-        return _Owned(work, self, claim)
+        return self._own(work, claim) if async_op else work
 
     def all_reduce_sum(self, tensor: Tensor) -> None:
         if not self.active:

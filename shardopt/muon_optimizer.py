@@ -103,7 +103,7 @@ class MuonParamGroups(Sequence):
         """One line per parameter: where it went, its shape, and why."""
         lines = []
         for name, kind, shape, reason in self.placement:
-            lines.append(f"{kind:5s} {name:40s} {str(shape):20s} {reason}")
+            lines.append(f"{kind:5s} {name:40s} {shape!s:20s} {reason}")
         counts = {
             kind: sum(int(torch.Size(s).numel()) for _, k, s, _ in self.placement if k == kind)
             for kind in ("muon", "adamw")

@@ -486,7 +486,8 @@ class ShardPlan:
             for slot in storage.slots:
                 assert slot.offset >= end, f"storage {storage.index}: overlapping or unsorted slots"
                 assert slot.param not in seen, f"parameter {slot.param} placed twice"
-                assert slot.numel == by_index[slot.param].numel and slot.param_offset == 0
+                assert slot.numel == by_index[slot.param].numel
+                assert slot.param_offset == 0
                 seen.add(slot.param)
                 end = slot.offset + slot.numel
             assert end <= storage.flat_numel

@@ -19,6 +19,7 @@ import bisect
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 
 import torch
 
@@ -162,7 +163,7 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
             f"Invalid boundaries: {boundaries} (expected len(schedules) - 1 = "
             f"{len(schedules) - 1} boundaries, got {len(boundaries)})"
         )
-    if any(b <= a for a, b in zip(boundaries, boundaries[1:], strict=False)):
+    if any(b <= a for a, b in pairwise(boundaries)):
         raise ValueError(f"Invalid boundaries: {boundaries} (expected strictly increasing)")
     starts = [0, *boundaries]
 

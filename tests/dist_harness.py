@@ -32,7 +32,7 @@ def _entry(fn: Callable, rank: int, world_size: int, store_path: str, results: A
         finally:
             dist.destroy_process_group()
         results.put((rank, "ok", out))
-    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+    except BaseException:  # deliberately broad: reported to the parent with the traceback
         results.put((rank, "error", traceback.format_exc()))
 
 

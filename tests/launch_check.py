@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import train_gpt  # noqa: E402
+import train_gpt
 
-from shardopt.dist import launch_env  # noqa: E402
+from shardopt.dist import launch_env
 
 
 def main() -> None:

@@ -92,7 +92,7 @@ def _grad_window_probe(opt: shardopt.ZeroOptimizer, model: nn.Module) -> tuple[l
 
 
 def measure(rank: int, world: int, case: tuple, group: object) -> dict[str, object]:
-    label, optimizer, stage, dtype, precision, bucket_numel, layout = case
+    _label, optimizer, stage, dtype, precision, bucket_numel, layout = case
     torch.manual_seed(0)
     model = PlanNet().to(getattr(torch, dtype))
     cls, hp = memory.OPTIMIZERS[optimizer]

@@ -12,10 +12,10 @@ the single-process oracle on the whole batch.
 
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
+from oracle import RankMeanOracle
 from torch import nn
 
 import shardopt
@@ -88,31 +88,13 @@ def _run(name: str, rank: int, world: int) -> tuple[list[torch.Tensor], shardopt
 
 
 def _oracle(name: str, world: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The unsharded optimizer on the whole batch, given the gradient ZeroOptimizer averages:
-    each rank's slice backpropagated on its own, summed in rank order, divided by the
-    number of ranks. At two ranks that is the reduction's arithmetic, so the default bf16
-    Newton-Schulz (which turns a last-bit difference of its input into bf16 ulps of the
-    update) sees the same bits. A bf16 model steps fp32 master weights, copied from
-    its rounded weights and rounded back into it after each step, as ZeroOptimizer's."""
+    """The unsharded optimizer on the whole batch, given exactly the gradients ZeroOptimizer
+    averages and its master weights (``tests/oracle.py``)."""
     torch.manual_seed(0)
-    model = WideNet().to(dtype)
-    master = model if dtype == torch.float32 else copy.deepcopy(model).float()
-    opt = _build(name, master, False)
+    oracle = RankMeanOracle(WideNet().to(dtype), lambda master: _build(name, master, False))
     for step in range(STEPS):
-        total = [torch.zeros_like(p) for p in master.parameters()]
-        for part in batch(step).chunk(world):
-            loss_of(model, part).backward()
-            for acc, p in zip(total, model.parameters()):
-                acc.add_(p.grad.float())
-                p.grad = None
-        for acc, p in zip(total, master.parameters()):
-            p.grad = acc.div_(world)
-        opt.step()
-        opt.zero_grad()
-        if model is not master:
-            with torch.no_grad():
-                for p, m in zip(model.parameters(), master.parameters()):
-                    p.copy_(m)
+        oracle.step(list(batch(step).chunk(world)), loss_of)
+    model = oracle.model
     return [p.detach() for p in model.parameters()]
 
 

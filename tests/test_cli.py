@@ -21,12 +21,15 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 def test_default_table_has_every_category_in_gb_and_gib_with_sources(capsys):
     code, out, _ = run(capsys, "--model", "llama2-7b", "--optimizer", "adamw", "--zero-stage", "2", "--dp", "8")
     assert code == 0
-    assert "GB" in out and "GiB" in out and "6,738,415,616 parameters" in out
+    assert "GB" in out
+    assert "GiB" in out
+    assert "6,738,415,616 parameters" in out
     rows = {line.split()[0] for line in out.splitlines() if line.startswith("  ") and line.split()}
     assert {"params", "grads", "master_params", "optimizer_states", "activations", "buffers", "total"} <= rows
     for source in ("ZeRO sec. 5.2", "ZeRO sec. 5.1", "Korthikanti et al. 2022 Table 2", "MAX_IN_FLIGHT"):
         assert source in out
-    assert "exp_avg_sq" in out and ("fits" in out)
+    assert "exp_avg_sq" in out
+    assert "fits" in out
 
 
 def test_json_has_the_documented_keys_and_matches_estimate(capsys):
@@ -41,17 +44,20 @@ def test_json_has_the_documented_keys_and_matches_estimate(capsys):
     assert data["total_params"] == 68_976_648_192
     assert data["matrix_params"] == 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672)
     expected = memory.estimate("llama2-70b", optimizer="muon", zero_stage=1, dp=8, gpu="h200-141gb")
-    assert per_rank == expected.per_rank_bytes() and data["fits"] is expected.fits is False
+    assert per_rank == expected.per_rank_bytes()
+    assert data["fits"] is expected.fits is False
     assert data["optimizer_states"].keys() == {"momentum_buffer", "step", "exp_avg", "exp_avg_sq"}
 
 
-@pytest.mark.parametrize("stage, expected_gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+@pytest.mark.parametrize(("stage", "expected_gb"), [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
 def test_zero_paper_example_from_the_command_line(capsys, stage, expected_gb):
     code, out, _ = run(capsys, "--params", "7.5e9", "--optimizer", "adam", "--precision", "mixed",
                        "--zero-stage", str(stage), "--dp", "64", "--json")
     per_rank = json.loads(out)["per_rank_bytes"]
     model_states = sum(per_rank[k] for k in ("params", "grads", "master_params", "optimizer_states"))
-    assert code == 0 and round(model_states / 1e9, 1) == expected_gb and per_rank["activations"] == 0
+    assert code == 0
+    assert round(model_states / 1e9, 1) == expected_gb
+    assert per_rank["activations"] == 0
 
 
 def test_sweep_prints_one_line_per_configuration(capsys):
@@ -88,17 +94,20 @@ def test_search_finds_the_smallest_fitting_dp_per_stage(capsys):
 def test_plot_writes_a_png(capsys, tmp_path):
     path = tmp_path / "plan.png"
     code, _, err = run(capsys, "--model", "llama2-7b", "--max-dp", "8", "--plot", str(path))
-    assert code == 0 and f"wrote {path}" in err
+    assert code == 0
+    assert f"wrote {path}" in err
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_gpu_in_bytes(capsys):
     code, out, _ = run(capsys, "--model", "llama2-7b", "--dp", "8", "--gpu", "1000", "--json")
     data = json.loads(out)
-    assert code == 0 and data["gpu_bytes"] == 1000 and data["fits"] is False
+    assert code == 0
+    assert data["gpu_bytes"] == 1000
+    assert data["fits"] is False
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(("args", "message"), [
     (["--model", "llama9"], "presets: gpt3-175b, llama2-13b, llama2-70b"),
     (["--model", "llama2-70b", "--tp", "3"], "Invalid tp: 3 does not divide num_attention_heads=64"),
     (["--model", "llama2-70b", "--tp", "2", "--pp", "3"], "Invalid pp: 3 does not divide num_hidden_layers=80"),
@@ -108,10 +117,11 @@ def test_gpu_in_bytes(capsys):
 ])
 def test_errors_return_2_and_say_what_is_wrong(capsys, args, message):
     code, _, err = run(capsys, *args)
-    assert code == 2 and message in err
+    assert code == 2
+    assert message in err
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(("args", "message"), [
     (["--model", "llama2-7b", "--optimizer", "adamax"], "unknown optimizer 'adamax' (choose from sgd, momentum"),
     (["--model", "llama2-7b", "--precision", "fp8"], "unknown precision 'fp8' (choose from fp32, bf16, mixed)"),
     (["--model", "llama2-7b", "--zero-stage", "4"], "unknown ZeRO stage '4' (choose from 0, 1, 2, 3)"),
@@ -121,7 +131,8 @@ def test_errors_return_2_and_say_what_is_wrong(capsys, args, message):
 def test_bad_choices_list_the_valid_ones(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", *args])
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_malformed_config_json_names_the_field(capsys, tmp_path):
@@ -129,4 +140,5 @@ def test_malformed_config_json_names_the_field(capsys, tmp_path):
     path.write_text(json.dumps({"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32,
                                 "num_hidden_layers": "32", "intermediate_size": 11008, "vocab_size": 32000}))
     code, _, err = run(capsys, "--model", str(path))
-    assert code == 2 and "field 'num_hidden_layers' must be a positive integer, got '32'" in err
+    assert code == 2
+    assert "field 'num_hidden_layers' must be a positive integer, got '32'" in err

@@ -25,8 +25,10 @@ def results(world_size: int) -> list[dict]:
 def test_a_dtype_disagreement_raises_on_every_rank(world_size):
     outs = [out["mismatched_exchange_dtype"] for out in results(world_size)]
     for out in outs:
-        assert out.startswith("CollectiveMismatchError") and "kind or dtype" in out, out
-        assert "bfloat16" in out and "float32" in out
+        assert out.startswith("CollectiveMismatchError"), out
+        assert "kind or dtype" in out, out
+        assert "bfloat16" in out
+        assert "float32" in out
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -43,7 +45,8 @@ def test_in_flight_buffers_are_owned_until_waited(world_size):
     for out in results(world_size):
         owned = out["ownership"]
         assert owned["owned"] == 2  # the reduce-scatter's input and output
-        assert owned["overlapping"].startswith("BufferOwnershipError") and "reduce-scatter" in owned["overlapping"]
+        assert owned["overlapping"].startswith("BufferOwnershipError")
+        assert "reduce-scatter" in owned["overlapping"]
         assert owned["disjoint"] == "no error"
         assert owned["after"] == 0
         assert owned["mean_ok"]
@@ -57,7 +60,7 @@ def test_poisoning_fills_fresh_and_retired_buffers_with_nan(world_size):
 
 def test_exchange_refuses_a_send_buffer_of_another_dtype():
     comm = Communicator(None)
-    with pytest.raises(TypeError, match="send buffer is torch.float32, the exchange carries torch.bfloat16"):
+    with pytest.raises(TypeError, match=r"send buffer is torch.float32, the exchange carries torch.bfloat16"):
         comm.exchange(torch.ones(2), [2], [2], torch.bfloat16)
 
 

@@ -42,7 +42,8 @@ def test_config_loads_and_trains_two_steps(path, tmp_path):
             result = train_gpt.main(["--config", str(path), "--steps", "2", "--plot", str(plot)])
     finally:
         torch.set_num_threads(threads)
-    assert len(result["history"]) == 2 and all(math.isfinite(loss) for _, loss in result["history"])
+    assert len(result["history"]) == 2
+    assert all(math.isfinite(loss) for _, loss in result["history"])
     assert plot.stat().st_size > 0
 
 
@@ -53,12 +54,15 @@ def test_default_config_is_the_example_default():
 def test_llm_recipe_is_the_chapters():
     # Chapter 10.3: AdamW, beta1 0.9, beta2 0.95, weight decay 0.1, linear warmup, cosine to 10% of the peak.
     config = train_gpt.load_config(str(ROOT / "configs" / "llm_recipe.toml"))
-    assert config["optimizer"] == "adamw" and config["schedule"] == "llm_recipe"
+    assert config["optimizer"] == "adamw"
+    assert config["schedule"] == "llm_recipe"
     assert config["hyperparameters"]["betas"] == [0.9, 0.95]
     assert config["hyperparameters"]["weight_decay"] == 0.1
-    assert config["min_ratio"] == 0.1 and 0 < config["warmup_steps"] < config["steps"]
+    assert config["min_ratio"] == 0.1
+    assert 0 < config["warmup_steps"] < config["steps"]
     schedule = train_gpt.build_schedule(config)
-    assert schedule(0) == 0.0 and schedule(config["warmup_steps"]) == 1.0
+    assert schedule(0) == 0.0
+    assert schedule(config["warmup_steps"]) == 1.0
     assert math.isclose(schedule(config["steps"]), 0.1)
 
 
@@ -70,10 +74,12 @@ def test_muon_recipe_has_its_adamw_group():
     groups = opt.param_groups
     assert [g["use_muon"] for g in groups] == [True, False]
     hp = config["hyperparameters"]
-    assert groups[0]["lr"] == hp["lr"] and groups[1]["lr"] == hp["adamw_lr"]
+    assert groups[0]["lr"] == hp["lr"]
+    assert groups[1]["lr"] == hp["adamw_lr"]
     assert groups[1]["betas"] == tuple(hp["adamw_betas"])
     adamw_names = {id(p) for p in groups[1]["params"]}
-    assert id(model.embed.weight) in adamw_names and id(model.lm_head.weight) in adamw_names
+    assert id(model.embed.weight) in adamw_names
+    assert id(model.lm_head.weight) in adamw_names
     assert all(p.ndim == 2 for p in groups[0]["params"])
 
 

@@ -14,6 +14,7 @@ its descendants (torchrun starts workers in their own sessions) are killed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -84,10 +85,8 @@ def _descendants(pid: int) -> list[int]:
 
 def _kill_tree(proc: subprocess.Popen) -> None:
     for pid in [*_descendants(proc.pid), proc.pid]:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     proc.wait()
 
 

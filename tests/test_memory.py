@@ -27,7 +27,7 @@ from shardopt.rules import Granularity
 # ---------------------------------------------------------------- publications
 
 
-@pytest.mark.parametrize("stage, expected_gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+@pytest.mark.parametrize(("stage", "expected_gb"), [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
 def test_zero_paper_worked_example(stage, expected_gb):
     # 7.5B parameters, 64 ranks, mixed-precision Adam: (2 + 2 + 12) psi / sharding (ZeRO, Figure 1).
     r = memory.estimate(7_500_000_000, optimizer="adam", precision="mixed", zero_stage=stage, dp=64)
@@ -102,7 +102,8 @@ def test_meta_model_plans_like_its_config(optimizer):
     names = [n for n, _ in module.named_parameters()]
     from_module = memory.estimate(module, grad_arrival=presets.backward_order(names), **kwargs)
     assert from_module.ranks == from_preset.ranks
-    assert from_module.total_params == 68_976_648_192 and from_module.matrix_params == from_preset.matrix_params
+    assert from_module.total_params == 68_976_648_192
+    assert from_module.matrix_params == from_preset.matrix_params
 
 
 def test_chapter_claims_for_llama2_70b():
@@ -172,13 +173,14 @@ def test_swiglu_gqa_and_pipeline_assumptions():
     first = activations.activation_bytes(arch, seq_len=s, pp=4, stage=0, recompute="selective")
     last = activations.activation_bytes(arch, seq_len=s, pp=4, stage=3, recompute="selective")
     assert first["layers"] == one["layers"]  # 4 in flight x 20 layers = 80 layers (1F1B)
-    assert last["layers"] == one["layers"] // 4 and last["fp32 logits"] == 4 * s * 32000
+    assert last["layers"] == one["layers"] // 4
+    assert last["fp32 logits"] == 4 * s * 32000
 
 
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(("kwargs", "message"), [
     (dict(model="llama9"), "presets: gpt3-175b, llama2-13b"),
     (dict(model="llama2-7b", optimizer="adamax"), "expected one of sgd, momentum, nesterov"),
     (dict(model="llama2-70b", tp=3), "Invalid tp: 3 does not divide num_attention_heads=64"),
@@ -199,7 +201,7 @@ def test_swiglu_gqa_and_pipeline_assumptions():
 ])
 def test_bad_input_names_the_problem(kwargs, message):
     model = kwargs.pop("model")
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError) as err:  # noqa: PT011 - the message is checked as a substring below
         memory.estimate(model, **kwargs)
     assert message in str(err.value)
 
@@ -211,7 +213,7 @@ def test_malformed_config_file_names_file_and_field(tmp_path):
     with pytest.raises(ValueError, match=r"config.json: field 'vocab_size' must be a positive integer, got -5"):
         memory.estimate(str(path))
     path.write_text("{not json")
-    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+    with pytest.raises(ValueError, match=r"config.json: not valid JSON"):
         memory.estimate(str(path))
 
 

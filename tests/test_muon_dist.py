@@ -38,7 +38,8 @@ def _check_run(outs: list[dict], world_size: int, skipped_step: int | None = Non
     root = outs[0]  # rank 0 runs the oracle; the others must hold rank 0's parameters
     if bf16 and world_size > 2:
         assert root["first_diff"] <= BF16_TOL["first"], root["first_diff"]
-        assert root["diff"] <= BF16_TOL["final"] and root["momentum_diff"] <= BF16_TOL["final"], root["diff"]
+        assert root["diff"] <= BF16_TOL["final"], root["diff"]
+        assert root["momentum_diff"] <= BF16_TOL["final"], root["momentum_diff"]
     else:
         assert root["diff"] <= TOL
         assert root["momentum_diff"] <= TOL
@@ -107,5 +108,7 @@ def test_bf16_params_with_fp32_master_track_fp32_muon(world_size):
         # keeps the direction, not the size: after 20 steps the bf16 model is within
         # 0.02-0.03 of the fp32 one (measured), while the weights moved ~0.29: a lost
         # master write-back or a misplaced slice would show as a difference of that size.
-        assert out["diff"] <= 0.06 and out["moved"] > 0.2
-        assert out["master_bytes"] > 0 and out["straddlers"] > 0
+        assert out["diff"] <= 0.06
+        assert out["moved"] > 0.2
+        assert out["master_bytes"] > 0
+        assert out["straddlers"] > 0

@@ -56,7 +56,8 @@ def test_singular_values_in_band_and_vectors_preserved(coeff_name, shape, scale)
     gen = torch.Generator().manual_seed(sum(shape) + len(coeff_name))
     m, u, s, v = matrix_with_singular_values(*shape, scale, gen)
     out = orthogonalize(m.float(), coefficients, NS_STEPS, dtype=torch.float32)
-    assert out.shape == shape and out.dtype == torch.float32
+    assert out.shape == shape
+    assert out.dtype == torch.float32
 
     s_norm = normalized(s, m, coefficients)
     lower = float(s_norm.min())
@@ -95,7 +96,8 @@ def test_polar_express_band_is_tighter_than_jordan(lower):
     assert max(abs(1 - polar[0]), abs(polar[1] - 1)) < max(abs(1 - jordan[0]), abs(jordan[1] - 1))
     # Jordan's documented band (about 0.7-1.2) for the singular values Muon meets.
     if lower >= 1e-2:
-        assert 0.6 < jordan[0] and jordan[1] < 1.25
+        assert jordan[0] > 0.6
+        assert jordan[1] < 1.25
 
 
 def test_orthogonalize_zero_matrix_stays_finite():
@@ -314,8 +316,10 @@ def test_muon_param_groups_placement_and_summary():
     groups = shardopt.muon_param_groups(model, lr=3e-4, betas=(0.9, 0.95))
     assert len(groups) == 2
     muon_group, adamw_group = groups[0], groups[1]
-    assert muon_group["use_muon"] is True and adamw_group["use_muon"] is False
-    assert adamw_group["lr"] == 3e-4 and adamw_group["betas"] == (0.9, 0.95)
+    assert muon_group["use_muon"] is True
+    assert adamw_group["use_muon"] is False
+    assert adamw_group["lr"] == 3e-4
+    assert adamw_group["betas"] == (0.9, 0.95)
 
     def ids(params):
         return {id(p) for p in params}
@@ -339,7 +343,8 @@ def test_muon_param_groups_placement_and_summary():
     lines = summary.splitlines()
     for name, (kind, shape, _) in placement.items():
         (line,) = [line for line in lines if f" {name} " in line]
-        assert line.startswith(kind) and str(shape) in line
+        assert line.startswith(kind)
+        assert str(shape) in line
     assert "frozen" not in summary
     # fc1 16x8 + fc2 8x16; embed 11x8 + lm_head 8x11 + three 16-vectors.
     assert lines[-1] == "muon: 256 elements; adamw: 224 elements"

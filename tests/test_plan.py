@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from itertools import pairwise
 
 import pytest
 
@@ -81,7 +82,8 @@ def test_whole_matrix_layout_keeps_each_matrix_on_one_owner(world_size):
         (owner,) = storage.members(position)
         assert storage.ns_owners[position] == owner
         start, end = storage.area_bounds(owner)
-        assert start <= slot.offset and slot.offset + slot.numel <= end
+        assert start <= slot.offset
+        assert slot.offset + slot.numel <= end
 
 
 @pytest.mark.parametrize("world_size", range(1, 9))
@@ -114,7 +116,8 @@ def test_balanced_matrix_layout_gives_equal_areas_and_buckets_cover_each_element
         assert cursor == math.prod(shape)
     # Straddlers cross area boundaries, are owned by a member, and the exchange is theirs.
     for straddler in plan.straddlers:
-        assert len(straddler.members) > 1 and straddler.owner in straddler.members
+        assert len(straddler.members) > 1
+        assert straddler.owner in straddler.members
         assert sum(straddler.parts) == plan.param(straddler.param).numel
     assert sum(plan.exchange_numel(r) for r in range(world_size)) == 2 * sum(
         sum(s.parts) - s.parts[s.members.index(s.owner)] for s in plan.straddlers)
@@ -147,15 +150,17 @@ def test_every_parameter_is_reduced_once_in_backward_order(shard_gradients):
     assert storage.num_chunks > 1 if shard_gradients else storage.num_chunks == 1
     for unit in matrix_units:
         parts = storage.parts(unit.param)
-        assert parts[0][1] == 0 and parts[-1][2] == plan.param(unit.param).numel
-        assert all(a[2] == b[1] for a, b in zip(parts, parts[1:]))
+        assert parts[0][1] == 0
+        assert parts[-1][2] == plan.param(unit.param).numel
+        assert all(a[2] == b[1] for a, b in pairwise(parts))
 
 
 def test_plan_is_deterministic_and_fingerprinted():
     a = plan_shards(infos(SHAPES), 3, bucket_numel=300)
     b = plan_shards(infos(SHAPES), 3, bucket_numel=300)
     c = plan_shards(infos(SHAPES), 4, bucket_numel=300)
-    assert a == b and a.fingerprint() == b.fingerprint()
+    assert a == b
+    assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != c.fingerprint()
     assert "padding" in a.describe()
 

@@ -203,7 +203,8 @@ def test_state_declaration(rule, overrides, names):
     assert tuple(spec.name for spec in specs) == names
     for spec in specs:
         if spec.name == "step":
-            assert spec.shape is shardopt.StateShape.SCALAR and spec.dtype == torch.float32
+            assert spec.shape is shardopt.StateShape.SCALAR
+            assert spec.dtype == torch.float32
         else:
             assert spec.shape is shardopt.StateShape.PARAM
 

@@ -125,7 +125,7 @@ def test_llm_recipe_chapter_values():
 
 
 @pytest.mark.parametrize(
-    "decay, quarter, half",
+    ("decay", "quarter", "half"),
     [
         # f(p) at p = 1/4 and p = 1/2; multiplier = 0.1 + 0.9 * f(p)
         ("linear", 0.75, 0.5),
@@ -394,7 +394,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(
-    "factory, args, kwargs, exc, pattern",
+    ("factory", "args", "kwargs", "exc", "pattern"),
     BAD_INPUTS,
     ids=[f"{case[0].__name__}-{i}" for i, case in enumerate(BAD_INPUTS)],
 )

@@ -75,7 +75,8 @@ def test_clip_skip_accumulate_unused_stage1_grads(world_size):
         assert out["skip"] <= TOL, (rank, out["skip"])
         assert out["num_skipped"] == 1
         assert out["skip_state_untouched"] is True
-        assert out["no_sync/stage1"] <= TOL and out["no_sync/stage2"] <= TOL, out
+        assert out["no_sync/stage1"] <= TOL, out
+        assert out["no_sync/stage2"] <= TOL, out
         assert out["unused_on_some_ranks"] <= TOL
         assert out["stage1_grad"] <= TOL
     # Identical on every rank, not merely close to the reference.
@@ -148,7 +149,8 @@ def test_muon_owner_ranks_equal_single_process(world_size):
 
 def test_ddp_wrapped_model_is_refused():
     for message in per_rank(2, "ddp_detect"):
-        assert "DistributedDataParallel" in message and "module.parameters()" in message, message
+        assert "DistributedDataParallel" in message, message
+        assert "module.parameters()" in message, message
 
 
 def test_construction_broadcasts_rank0_and_empty_regions_work():

@@ -123,7 +123,8 @@ def test_frozen_parameters_are_left_out_and_untouched():
     assert all(slot.param != index for b in opt.plan.buckets for slot in b.slots)
     # The full state dict is keyed like the unsharded optimizer's: the frozen one has no state.
     state = opt.full_state_dict()["state"]
-    assert index not in state and len(state) == len(list(model.parameters())) - 1
+    assert index not in state
+    assert len(state) == len(list(model.parameters())) - 1
 
 
 def test_parameters_are_views_of_the_storages():

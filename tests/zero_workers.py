@@ -10,6 +10,7 @@ import copy
 
 import torch
 import torch.distributed as dist
+from oracle import RankMeanOracle
 from torch import nn
 
 import shardopt
@@ -122,24 +123,10 @@ def _oracle(reference: type, hp: dict, dtype: torch.dtype, world: int, steps: in
     from the model's own, rounded, weights), which are then rounded into the model.
     """
     torch.manual_seed(0)
-    model = TinyLM().to(dtype)
-    master = model if dtype == torch.float32 else copy.deepcopy(model).float()
-    opt = reference(master.parameters(), **hp)
+    oracle = RankMeanOracle(TinyLM().to(dtype), lambda master: reference(master.parameters(), **hp))
     for step in range(steps):
-        total = [torch.zeros_like(p) for p in master.parameters()]
-        for part in batch(step).chunk(world):
-            lm_loss(model, part).backward()
-            for acc, p in zip(total, model.parameters()):
-                acc.add_(p.grad.float())
-                p.grad = None
-        for acc, p in zip(total, master.parameters()):
-            p.grad = acc.div_(world)
-        opt.step()
-        opt.zero_grad()
-        if model is not master:
-            with torch.no_grad():
-                for p, m in zip(model.parameters(), master.parameters()):
-                    p.copy_(m)
+        oracle.step(list(batch(step).chunk(world)), lm_loss)
+    model = oracle.model
     return model
 
 

@@ -68,7 +68,7 @@ def _polar_express() -> CoefficientSet:
     )
     safety = 1.01
     scaled = tuple((a / safety, b / safety**3, c / safety**5) for a, b, c in raw[:-1])
-    return CoefficientSet("polar_express", scaled + (raw[-1],), norm_scale=safety)
+    return CoefficientSet("polar_express", (*scaled, raw[-1]), norm_scale=safety)
 
 
 JORDAN = CoefficientSet("jordan", ((3.4445, -4.7750, 2.0315),))
