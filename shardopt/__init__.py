@@ -1,9 +1,10 @@
 """shardopt: ZeRO-sharded optimizers for PyTorch that equal the unsharded ones."""
 
+from .comm import BufferOwnershipError, CollectiveMismatchError
 from .muon_optimizer import Muon, MuonParamGroups, muon_param_groups
 from .optimizer_base import RuleOptimizer
 from .optimizers import SGD, Adagrad, Adam, AdamW, Lion, RMSprop
-from .plan import ParamInfo, ShardPlan, plan_shards
+from .plan import ParamInfo, PlanError, ShardPlan, plan_shards
 from .rules import Granularity, StateShape, StateSpec, UpdateRule
 from .zero_optimizer import PrecisionPolicy, ZeroOptimizer
 
@@ -12,11 +13,14 @@ __all__ = [
     "Adagrad",
     "Adam",
     "AdamW",
+    "BufferOwnershipError",
+    "CollectiveMismatchError",
     "Granularity",
     "Lion",
     "Muon",
     "MuonParamGroups",
     "ParamInfo",
+    "PlanError",
     "PrecisionPolicy",
     "RMSprop",
     "RuleOptimizer",

@@ -476,31 +476,56 @@ class ShardPlan:
         return "\n".join(lines + [f"  note: {note}" for note in self.notes])
 
     def validate(self) -> None:
-        """Check the plan's invariants; raises AssertionError on a broken plan."""
+        """Check the plan's invariants; raise :class:`PlanError` naming the first one broken.
+
+        Plans come from :func:`plan_shards`, but also from checkpoints and from the
+        planner; a broken one would place two parameters on the same elements or
+        leave one without a reduction, and train silently wrong.
+        """
         seen: set[int] = set()
         by_index = self._by_index
         for storage in self.storages:
-            assert storage.area_numel % self.align_numel == 0 or storage.area_numel == 0
-            assert storage.area_numel % storage.num_chunks == 0
+            where = f"storage {storage.index}"
+            _require(storage.area_numel % self.align_numel == 0 or storage.area_numel == 0,
+                     f"{where}: area of {storage.area_numel} elements is not a multiple of align_numel "
+                     f"{self.align_numel}")
+            _require(storage.area_numel % storage.num_chunks == 0,
+                     f"{where}: area of {storage.area_numel} elements does not split into {storage.num_chunks} chunks")
             end = 0
             for slot in storage.slots:
-                assert slot.offset >= end, f"storage {storage.index}: overlapping or unsorted slots"
-                assert slot.param not in seen, f"parameter {slot.param} placed twice"
-                assert slot.numel == by_index[slot.param].numel
-                assert slot.param_offset == 0
+                _require(slot.offset >= end, f"{where}: overlapping or unsorted slots at parameter {slot.param}")
+                _require(slot.param not in seen, f"{where}: parameter {slot.param} placed twice")
+                _require(slot.param in by_index, f"{where}: parameter {slot.param} is not in the plan's parameters")
+                _require(slot.numel == by_index[slot.param].numel and slot.param_offset == 0,
+                         f"{where}: parameter {slot.param} is not placed whole")
                 seen.add(slot.param)
                 end = slot.offset + slot.numel
-            assert end <= storage.flat_numel
+            _require(end <= storage.flat_numel, f"{where}: slots end at {end}, past its {storage.flat_numel} elements")
             if storage.granularity is Granularity.MATRIX:
-                assert len(storage.ns_owners) == len(storage.slots)
+                _require(len(storage.ns_owners) == len(storage.slots),
+                         f"{where}: {len(storage.ns_owners)} Newton-Schulz owners for {len(storage.slots)} matrices")
                 for position, owner in enumerate(storage.ns_owners):
-                    assert owner in storage.members(position)
+                    _require(owner in storage.members(position),
+                             f"{where}: matrix {storage.slots[position].param} is orthogonalized by rank {owner}, "
+                             f"which holds none of it")
                 if self.matrix_layout == "whole":
-                    assert all(len(storage.members(p)) == 1 for p in range(len(storage.slots)))
-        assert seen == set(by_index), "some parameters are in no bucket"
+                    _require(all(len(storage.members(p)) == 1 for p in range(len(storage.slots))),
+                             f"{where}: a matrix crosses an area boundary in the whole layout")
+        _require(seen == set(by_index), f"parameters {sorted(set(by_index) - seen)} are in no storage")
         chunks = sorted((b.storage.index, b.chunk) for b in self.buckets)
-        assert chunks == [(s.index, k) for s in self.storages for k in range(s.num_chunks)]
-        assert sorted(p for u in self.reduce_units for p in self.unit_params(u)) == sorted(by_index)
+        _require(chunks == [(s.index, k) for s in self.storages for k in range(s.num_chunks)],
+                 "the buckets do not cover every chunk of every storage exactly once")
+        _require(sorted(p for u in self.reduce_units for p in self.unit_params(u)) == sorted(by_index),
+                 "the reduce units do not cover every parameter exactly once")
+
+
+class PlanError(ValueError):
+    """A shard plan breaks one of its invariants (:meth:`ShardPlan.validate`)."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise PlanError(f"Invalid shard plan: {message}")
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from itertools import pairwise
@@ -9,6 +10,7 @@ from itertools import pairwise
 import pytest
 
 from shardopt import Granularity, ParamInfo, plan_shards
+from shardopt.plan import PlanError
 
 
 def infos(shapes, granularity=Granularity.ELEMENTWISE, group=0):
@@ -178,3 +180,18 @@ def test_plan_is_deterministic_and_fingerprinted():
 def test_bad_plan_arguments_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         plan_shards(infos(SHAPES), **kwargs)
+
+
+def test_plan_validation_names_the_broken_invariant():
+    infos = [ParamInfo(i, f"p{i}", (5, 7), "float32", 0) for i in range(3)]
+    plan = plan_shards(infos, 2)
+    storage = plan.storages[0]
+    moved = dataclasses.replace(storage.slots[1], offset=3)
+    overlapping = dataclasses.replace(storage, slots=(storage.slots[0], moved, *storage.slots[2:]))
+    with pytest.raises(PlanError, match="storage 0: overlapping or unsorted slots at parameter"):
+        dataclasses.replace(plan, storages=(overlapping, *plan.storages[1:])).validate()
+    missing = dataclasses.replace(storage, slots=storage.slots[:-1])
+    with pytest.raises(PlanError, match=r"parameters \[\d+\] are in no storage"):
+        dataclasses.replace(plan, storages=(missing, *plan.storages[1:])).validate()
+    with pytest.raises(PlanError, match="not a multiple of align_numel"):
+        dataclasses.replace(plan, align_numel=7).validate()
