@@ -5,8 +5,9 @@ from .muon_optimizer import Muon, MuonParamGroups, muon_param_groups
 from .optimizer_base import RuleOptimizer
 from .optimizers import SGD, Adagrad, Adam, AdamW, Lion, RMSprop
 from .plan import ParamInfo, PlanError, ShardPlan, plan_shards
+from .policy import PrecisionPolicy
 from .rules import Granularity, StateShape, StateSpec, UpdateRule
-from .zero_optimizer import PrecisionPolicy, ZeroOptimizer
+from .zero_optimizer import ZeroOptimizer
 
 __all__ = [
     "SGD",

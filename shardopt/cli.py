@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import memory
-from .hooks import MAX_IN_FLIGHT
 from .plan import DEFAULT_BUCKET_NUMEL
+from .policy import MAX_IN_FLIGHT
 from .presets import PRESETS
 
 CATEGORIES = ("params", "grads", "master_params", "optimizer_states", "activations", "buffers")

@@ -34,8 +34,7 @@ from torch.profiler import record_function
 from .buffers import BucketBuffers, StorageBuffers
 from .comm import Communicator
 from .plan import ShardPlan, Slot
-
-MAX_IN_FLIGHT = 2
+from .policy import MAX_IN_FLIGHT
 
 
 class GradientReducer:

@@ -18,7 +18,7 @@ Stages (Rajbhandari et al. 2020, "ZeRO", sections 3 and 5; K = state bytes):
   (``(2 + 2 + K) psi`` in mixed precision).
 * 1: optimizer states and master weights sharded (``P_os``, section 5.1).
 * 2: gradients sharded too (``P_os+g``, 5.2); the runtime keeps up to
-  ``hooks.MAX_IN_FLIGHT + 1`` full-bucket gradient buffers during backward.
+  ``policy.MAX_IN_FLIGHT + 1`` full-bucket gradient buffers during backward.
 * 3: parameters sharded too (``P_os+g+p``, 5.3), which shardopt's runtime does
   not implement; modelled as each rank keeping its region of each bucket and
   all-gathering up to ``MAX_IN_FLIGHT + 1`` buckets around their use (the

@@ -32,7 +32,6 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,6 +46,7 @@ from .matrix_step import MatrixStep
 from .optimizer_base import ParamsT, RuleOptimizer
 from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
 from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, Storage, plan_shards
+from .policy import PrecisionPolicy
 from .rules.base import Granularity, MatrixRule, apply_update
 
 # Warn when padding exceeds this share of a plan of at least this many elements
@@ -66,19 +66,6 @@ _TORCH_EQUIVALENTS: dict[type, type[RuleOptimizer]] = {
 # gradient. Weak: an optimizer nobody holds any more drops out. (Its hooks hold it
 # alive as long as they are registered, which is why close() exists.)
 _OWNERS: weakref.WeakValueDictionary[int, ZeroOptimizer] = weakref.WeakValueDictionary()
-
-
-@dataclass(frozen=True)
-class PrecisionPolicy:
-    """Dtypes of the gradient reduction and of the master weights and states.
-
-    ``reduce_dtype=torch.bfloat16`` halves gradient traffic; ``None`` reduces in
-    the parameters' dtype. Master weights and optimizer states stay fp32 unless
-    the model itself is in a wider dtype.
-    """
-
-    reduce_dtype: torch.dtype | None = torch.float32
-    master_dtype: torch.dtype = torch.float32
 
 
 class ZeroOptimizer(torch.optim.Optimizer):

@@ -1,0 +1,30 @@
+"""Settings of the ZeRO engine that the memory planner must know: pure data, no process group.
+
+The planner (memory.py, memory_plan.py, cli.py) reads these instead of the
+engine's modules, so the dependencies run one way: planner -> plan and policy
+-> rules (``tests/test_structure.py`` keeps it so).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Stage 2 keeps at most this many gradient reductions in flight during backward
+# (shardopt.hooks): launching one more waits for the oldest, so peak gradient
+# memory is this rank's areas plus a bounded window.
+MAX_IN_FLIGHT = 2
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """Dtypes of the gradient reduction and of the master weights and states.
+
+    ``reduce_dtype=torch.bfloat16`` halves gradient traffic; ``None`` reduces in
+    the parameters' dtype. Master weights and optimizer states stay fp32 unless
+    the model itself is in a wider dtype.
+    """
+
+    reduce_dtype: torch.dtype | None = torch.float32
+    master_dtype: torch.dtype = torch.float32
