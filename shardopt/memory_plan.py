@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layout import plan_shards
 from .muon_optimizer import Muon, muon_param_groups
 from .optimizer_base import RuleOptimizer
 from .optimizers import SGD, Adagrad, Adam, AdamW, Lion, RMSprop
-from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, Storage, plan_shards
+from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, Storage
 from .policy import MAX_IN_FLIGHT, PrecisionPolicy
 from .rules import AdamWRule, MuonRule
 from .rules.base import Granularity, StateShape, StateSpec, UpdateRule

@@ -20,8 +20,7 @@ import torch
 from dist_harness import run_ranks
 from torch import nn
 
-from shardopt import activations, memory, presets
-from shardopt.plan import ParamInfo, plan_shards
+from shardopt import ParamInfo, activations, memory, plan_shards, presets
 from shardopt.rules import Granularity
 
 # ---------------------------------------------------------------- publications
