@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from harness import lo_bytes
+from measure import lo_bytes
 
 NUMEL = 1 << 22
 CALLS = 5

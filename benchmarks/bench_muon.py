@@ -131,8 +131,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import harness
+import measure
+import options
+import profile_ranges
+import report
 import torch
-from harness import GPT, MATRIX_TRANSFORM, Run, mib, num_params
+from harness import GPT, Run, num_params
+from profile_ranges import MATRIX_TRANSFORM
+from report import mib
 from torch.profiler import record_function
 
 import shardopt
@@ -196,8 +202,8 @@ def build_naive_muon(model: torch.nn.Module, ns_dtype: str) -> harness.Built:
     ddp = DDP(model)
     opt = shardopt.Muon(shardopt.muon_param_groups(ddp.module), **dict(MUON_KWARGS, ns_dtype=ns_dtype))
     # No range in the single-process step: the profiler's Python tracer times the rule's transform.
-    traced = {harness.python_event(type(opt.muon_rule).transform): MATRIX_TRANSFORM}
-    return harness.built_module(ddp, opt, lambda: harness.state_by_name(opt.state), counters=ns_counter(opt.muon_rule),
+    traced = {profile_ranges.python_event(type(opt.muon_rule).transform): MATRIX_TRANSFORM}
+    return harness.built_module(ddp, opt, lambda: measure.state_by_name(opt.state), counters=ns_counter(opt.muon_rule),
                                 traced=traced, note="tensors in shardopt.Muon.state (all of it, on every rank)")
 
 
@@ -291,7 +297,7 @@ def mixed_precision_state(system: str, cfg: Config, tokens: torch.Tensor) -> dic
     else:
         opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, stage=2,
                                      precision=shardopt.PrecisionPolicy(), **ADAMW_KWARGS)
-    harness.lm_loss(model, tokens).backward()
+    measure.lm_loss(model, tokens).backward()
     opt.step()
     opt.zero_grad()
     report = opt.memory_report()
@@ -310,11 +316,11 @@ def run_once(system: str, world: int, cfg: Config) -> Run:
 # ---------------------------------------------------------------------- reporting
 
 
-def ns_per_rank(run: Run, phases: Sequence[str] = harness.PHASES) -> list[float] | None:
+def ns_per_rank(run: Run, phases: Sequence[str] = profile_ranges.PHASES) -> list[float] | None:
     """Median Newton-Schulz seconds per step during ``phases``, per rank (None: not measured)."""
     if run.counted_per_step(NS_MATRICES) is None:
         return None
-    return [harness.median(harness.range_seconds(r["ranges"], NS_RANGES, phases)) for r in run.ranks]
+    return [report.median(profile_ranges.range_seconds(r["ranges"], NS_RANGES, phases)) for r in run.ranks]
 
 
 @dataclass
@@ -334,7 +340,7 @@ class Summary:
 
 
 def summarize(runs: list[Run]) -> Summary:
-    median = harness.median
+    median = report.median
     ns = [n for n in (ns_per_rank(r) for r in runs) if n is not None]
     comm = [sum(r.comm_per_rank_step.values()) for r in runs if r.comm_per_rank_step is not None]
     mixed = [m for m in (max_or_none(r, "mixed_state_bytes") for r in runs) if m is not None]
@@ -404,18 +410,18 @@ def expected_mixed_ratio(model: torch.nn.Module) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = harness.argument_parser(
+    parser = options.argument_parser(
         __doc__, SYSTEMS, timeout=900.0, batch_help="sequences per rank per step (default 1)",
         loss_tol_help=f"allowed |eval loss difference| among {', '.join(SAME_MATH)} (default 1e-3)")
     parser.add_argument("--ns-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="Newton-Schulz dtype of shardopt; DeepSpeed takes its iteration that runs in it")
-    args = harness.parse_args(parser, argv, SYSTEMS)
+    args = options.parse_args(parser, argv, SYSTEMS)
     # Eager everywhere (inherited by the ranks): DeepSpeed's Muon is torch.compile-decorated,
     # and its Newton-Schulz range (the patch above) must see its calls.
     os.environ["TORCHDYNAMO_DISABLE"] = "1"
-    systems, ds_version = harness.prepare_run(args.threads, args.systems, DEEPSPEED_SYSTEMS)
+    systems, ds_version = options.prepare_run(args.threads, args.systems, DEEPSPEED_SYSTEMS)
 
-    cfg = Config(**harness.config_from(args, NS_RANGES), ns_dtype=args.ns_dtype)
+    cfg = Config(**options.config_from(args, NS_RANGES), ns_dtype=args.ns_dtype)
     gpt_config = cfg.model_config()
     torch.manual_seed(args.seed)
     reference_model = GPT(gpt_config)
@@ -424,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     muon_params = [p for g in groups if g["use_muon"] for p in g["params"]]
     mixed_expected = expected_mixed_ratio(reference_model)
     del reference_model
-    versions, data, described = harness.setup_lines(ds_version, args.batch, gpt_config.seq_len, DESCRIPTIONS, systems)
+    versions, data, described = options.setup_lines(ds_version, args.batch, gpt_config.seq_len, DESCRIPTIONS, systems)
 
     print(versions)
     print(f"model: GPT(PRESETS[{args.preset!r}]) {gpt_config}, {n_params:,} fp32 parameters; Muon group: "
@@ -442,8 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results = harness.run_all(
         systems, args.world_sizes, args.repeats, lambda system, world: run_once(system, world, cfg),
-        lambda run: f"step {1e3 * harness.median(run.step_times):.1f} ms, opt step "
-        f"{1e3 * harness.median(run.phase_times('step')):.1f} ms")
+        lambda run: f"step {1e3 * report.median(run.step_times):.1f} ms, opt step "
+        f"{1e3 * report.median(run.phase_times('step')):.1f} ms")
 
     mismatches = 0
     bullet = "- " if args.markdown else ""
@@ -452,10 +458,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = results[world]
         sums = {s: summarize(runs[s]) for s in systems}
         print(f"\n{heading}World size {world}\n")
-        print(harness.format_table(HEADER, table_rows(world, systems, sums), args.markdown))
+        print(report.format_table(HEADER, table_rows(world, systems, sums), args.markdown))
         print()
         checked = [s for s in SAME_MATH if s in systems]
-        notes, bad = harness.check_losses(world, checked, runs, args.loss_tol,
+        notes, bad = report.check_losses(world, checked, runs, args.loss_tol,
                                           [s for s in systems if s not in checked] if checked else ())
         mismatches += bad
         muon_mixed = sums["shardopt-muon"].mixed if "shardopt-muon" in sums else None
@@ -468,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             notes.append(f"world {world}: mixed-precision Muon/AdamW state ratio: n/a (needs shardopt-muon and "
                          "shardopt-adamw)")
-        notes += harness.comm_lines(world, systems, runs)
+        notes += report.comm_lines(world, systems, runs)
         for s in systems:
             run = runs[s][0]
             detail = ", ".join(f"{k} {mib(v)}" for k, v in run.largest_state_parts.items() if v)

@@ -67,9 +67,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import harness
+import measure
+import options
+import profile_ranges
+import report
 import torch
 import torch.distributed as dist
-from harness import DURATION, GPT, OTHER, Run, mib, num_params
+from harness import GPT, Run, num_params
+from profile_ranges import DURATION, OTHER
+from report import mib
 
 LR = 3e-4
 BETAS = (0.9, 0.95)
@@ -90,8 +96,9 @@ SYSTEMS = tuple(DESCRIPTIONS)
 DEEPSPEED_SYSTEMS = ("ds-zero1", "ds-zero2")
 
 # --profile: the shardopt ranges the breakdown reads; in step(), the first four are its wait for the reductions.
-WAITS = (harness.REDUCE_WAIT, harness.REDUCE_COMPLETE, harness.REDUCE_LAUNCH, harness.GRAD_COPY)
-RANGES = (*WAITS, harness.UPDATE, harness.ALL_GATHER)
+WAITS = (profile_ranges.REDUCE_WAIT, profile_ranges.REDUCE_COMPLETE, profile_ranges.REDUCE_LAUNCH,
+         profile_ranges.GRAD_COPY)
+RANGES = (*WAITS, profile_ranges.UPDATE, profile_ranges.ALL_GATHER)
 
 
 # ---------------------------------------------------------------------- systems
@@ -113,10 +120,10 @@ def build(system: str, model: torch.nn.Module, cfg: harness.Config) -> harness.B
 
             zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, **ADAMW_KWARGS)
             return harness.built_module(  # the state of this rank's shard only
-                ddp, zero, lambda: harness.state_by_name(zero.optim.state),
+                ddp, zero, lambda: measure.state_by_name(zero.optim.state),
                 note="tensors in ZeroRedundancyOptimizer.optim.state (this rank's local AdamW)")
         opt = torch.optim.AdamW(model.parameters(), **ADAMW_KWARGS)
-        return harness.built_module(ddp, opt, lambda: harness.state_by_name(opt.state), note="tensors in AdamW.state")
+        return harness.built_module(ddp, opt, lambda: measure.state_by_name(opt.state), note="tensors in AdamW.state")
     if system in DEEPSPEED_SYSTEMS:
         params = {"lr": LR, "betas": list(BETAS), "weight_decay": WEIGHT_DECAY, "eps": EPS, "torch_adam": True}
         return harness.built_deepspeed(
@@ -140,9 +147,9 @@ def run_once(system: str, world: int, cfg: harness.Config) -> Run:
 def step_parts(run: Run) -> dict[str, float]:
     """Rank 0's forward, backward and optimizer step (with zero_grad), median over steps."""
     return {
-        "forward": harness.median(run.phase_times("forward")),
-        "backward": harness.median(run.phase_times("backward")),
-        "optimizer step": harness.median(run.phase_times("step", "zero_grad")),
+        "forward": report.median(run.phase_times("forward")),
+        "backward": report.median(run.phase_times("backward")),
+        "optimizer step": report.median(run.phase_times("step", "zero_grad")),
     }
 
 
@@ -157,18 +164,18 @@ def shardopt_breakdown(run: Run) -> dict[str, float] | None:
         return {
             "forward": step["forward"][DURATION],
             "backward: autograd compute": backward[OTHER],
-            "backward: hook grad copies (+ bucket buffer alloc)": backward.get(harness.GRAD_COPY, 0.0),
-            "backward: reduction launches (pad zero + issue)": backward.get(harness.REDUCE_LAUNCH, 0.0),
-            "backward: waits for reductions": backward.get(harness.REDUCE_COMPLETE, 0.0),
+            "backward: hook grad copies (+ bucket buffer alloc)": backward.get(profile_ranges.GRAD_COPY, 0.0),
+            "backward: reduction launches (pad zero + issue)": backward.get(profile_ranges.REDUCE_LAUNCH, 0.0),
+            "backward: waits for reductions": backward.get(profile_ranges.REDUCE_COMPLETE, 0.0),
             "step: waits for reductions": sum(opt.get(name, 0.0) for name in WAITS),
             "step: grad norm + stats all-reduce + reset": opt[OTHER],
-            "step: AdamW rule update": opt.get(harness.UPDATE, 0.0),
-            "step: all-gather (issue + wait)": opt.get(harness.ALL_GATHER, 0.0),
+            "step: AdamW rule update": opt.get(profile_ranges.UPDATE, 0.0),
+            "step: all-gather (issue + wait)": opt.get(profile_ranges.ALL_GATHER, 0.0),
             "zero_grad": step["zero_grad"][DURATION],
         }
 
     splits = [split(step) for step in ranges]
-    return {key: harness.median(s[key] for s in splits) for key in splits[0]}
+    return {key: report.median(s[key] for s in splits) for key in splits[0]}
 
 
 # ---------------------------------------------------------------------- gloo collectives alone (--profile)
@@ -197,13 +204,13 @@ def time_collectives(rank: int, world: int, numels: list[int], cfg: harness.Conf
             op()
             times = []
             dist.barrier()
-            before = harness.written_bytes()
+            before = measure.written_bytes()
             for _ in range(5):
                 dist.barrier()
                 start = time.perf_counter()
                 op()
                 times.append(time.perf_counter() - start)
-            written = torch.tensor([harness.written_bytes() - before], dtype=torch.float64)
+            written = torch.tensor([measure.written_bytes() - before], dtype=torch.float64)
             dist.all_reduce(written)
             rows.append([name, numel * 4, statistics.median(times), float(written) / world / 5 / (numel * 4)])
     harness.finish_rank(rank, run_dir, rows)
@@ -227,7 +234,7 @@ BYTES_HEADER = [
 
 
 def time_rows(systems: Sequence[str], runs: dict[str, list[Run]]) -> list[list[str]]:
-    median = harness.median
+    median = report.median
     medians = {s: median(median(r.step_times) for r in runs[s]) for s in systems}
     cpu = {s: median(r.cpu_per_step for r in runs[s]) for s in systems}
     reference = medians.get(REFERENCE)
@@ -255,13 +262,13 @@ def bytes_rows(world: int, systems: Sequence[str], runs: dict[str, list[Run]], m
     for system in systems:
         rs = runs[system]
         wire = [r.wire_per_rank_step for r in rs]
-        written = harness.median(r.written_per_rank_step for r in rs)
+        written = report.median(r.written_per_rank_step for r in rs)
         comm_kinds = rs[0].comm_per_rank_step
         comm = sum(comm_kinds.values()) if comm_kinds else None
         rows.append([
             system,
-            mib(harness.median(wire)),
-            f"{harness.median(wire) / ideal:.3f}",
+            mib(report.median(wire)),
+            f"{report.median(wire) / ideal:.3f}",
             f"{min(wire) / ideal:.3f}-{max(wire) / ideal:.3f}",
             mib(written),
             f"{written / ideal:.3f}",
@@ -276,14 +283,14 @@ def bytes_rows(world: int, systems: Sequence[str], runs: dict[str, list[Run]], m
 def parts_rows(systems: Sequence[str], parts: dict[str, list[dict[str, float]]],
                keys: Sequence[str]) -> list[list[str]]:
     """One row per system: the median over repeats of each part in ``keys``."""
-    return [[s, *(f"{harness.median(p[k] for p in parts[s]):.3f}" for k in keys)] for s in systems]
+    return [[s, *(f"{report.median(p[k] for p in parts[s]):.3f}" for k in keys)] for s in systems]
 
 
 # ---------------------------------------------------------------------- main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = harness.argument_parser(
+    parser = options.argument_parser(
         __doc__, SYSTEMS, timeout=600.0,
         batch_help="sequences per rank per step (default 1: keeps the default run near 10 min)",
         loss_tol_help="allowed |eval loss difference| (default 1e-3)")
@@ -291,15 +298,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also split shardopt's steps into parts (torch.profiler over shardopt's "
                         "record_function ranges) and time gloo's collectives on a shardopt bucket and on the whole "
                         "model")
-    args = harness.parse_args(parser, argv, SYSTEMS)
-    systems, ds_version = harness.prepare_run(args.threads, args.systems, DEEPSPEED_SYSTEMS)
+    args = options.parse_args(parser, argv, SYSTEMS)
+    systems, ds_version = options.prepare_run(args.threads, args.systems, DEEPSPEED_SYSTEMS)
 
-    cfg = harness.Config(**harness.config_from(args, RANGES if args.profile else ()))
+    cfg = harness.Config(**options.config_from(args, RANGES if args.profile else ()))
     gpt_config = cfg.model_config()
     torch.manual_seed(args.seed)
     n_params = num_params(GPT(gpt_config))
     model_bytes = 4 * n_params
-    versions, data, described = harness.setup_lines(ds_version, args.batch, gpt_config.seq_len, DESCRIPTIONS, systems)
+    versions, data, described = options.setup_lines(ds_version, args.batch, gpt_config.seq_len, DESCRIPTIONS, systems)
 
     print(versions)
     print(f"model: GPT(PRESETS[{args.preset!r}]) {gpt_config}, {n_params:,} fp32 parameters "
@@ -316,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results = harness.run_all(
         systems, args.world_sizes, args.repeats, lambda system, world: run_once(system, world, cfg),
-        lambda run: f"median step {harness.median(run.step_times):.3f} s, wire {mib(run.wire_per_rank_step)} "
+        lambda run: f"median step {report.median(run.step_times):.3f} s, wire {mib(run.wire_per_rank_step)} "
         "MiB/step/rank")
     collectives: dict[int, list[list[Any]]] = {}
     if args.profile:
@@ -332,11 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = results[world]
         ideal = 2 * (world - 1) / world * model_bytes
         print(f"\n{heading}World size {world}: step time and memory\n")
-        print(harness.format_table(TIME_HEADER, time_rows(systems, runs), args.markdown))
+        print(report.format_table(TIME_HEADER, time_rows(systems, runs), args.markdown))
         parts = {s: [step_parts(r) for r in runs[s]] for s in systems}
         keys = list(parts[systems[0]][0])
         print(f"\n{heading}World size {world}: parts of a step, s (rank 0; median over steps, then repeats)\n")
-        print(harness.format_table(["system", *keys], parts_rows(systems, parts, keys), args.markdown))
+        print(report.format_table(["system", *keys], parts_rows(systems, parts, keys), args.markdown))
         breakdowns = {s: [shardopt_breakdown(r) for r in runs[s]] for s in systems}
         profiled = [s for s in systems if breakdowns[s][0] is not None]
         if profiled:
@@ -344,19 +351,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n{heading}World size {world}: shardopt step breakdown, s (--profile)\n")
             columns = parts_rows(profiled, breakdowns, keys)
             rows = [[k, *(row[i + 1] for row in columns)] for i, k in enumerate(keys)]
-            print(harness.format_table(["part", *profiled], rows, args.markdown))
+            print(report.format_table(["part", *profiled], rows, args.markdown))
         if collectives.get(world):
             print(f"\n{heading}World size {world}: gloo collectives alone (median of 5, s; rank writes / buffer "
                   "bytes)\n")
             rows = [[name, mib(nbytes), f"{t:.3f}", f"{ratio:.3f}"] for name, nbytes, t, ratio in collectives[world]]
-            print(harness.format_table(["collective", "buffer MiB", "time s", "rank writes / buffer"], rows,
+            print(report.format_table(["collective", "buffer MiB", "time s", "rank writes / buffer"], rows,
                                        args.markdown))
         print(f"\n{heading}World size {world}: bytes per step per rank (ideal 2(N-1)/N x model bytes = "
               f"{mib(ideal)} MiB) and losses\n")
-        print(harness.format_table(BYTES_HEADER, bytes_rows(world, systems, runs, model_bytes), args.markdown))
+        print(report.format_table(BYTES_HEADER, bytes_rows(world, systems, runs, model_bytes), args.markdown))
         print()
         checked = [REFERENCE, *(s for s in systems if s != REFERENCE)] if REFERENCE in systems else systems
-        notes, bad = harness.check_losses(world, checked, runs, args.loss_tol)
+        notes, bad = report.check_losses(world, checked, runs, args.loss_tol)
         mismatches += bad
         threads = sorted({r["threads"] for s in systems for run in runs[s] for r in run.ranks})
         rx = [run.rx_over_tx for s in systems for run in runs[s]]
@@ -364,9 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes.append(f"world {world}: torch threads per rank observed {threads}; "
                      f"lo rx/tx ratio {min(rx):.3f}-{max(rx):.3f}; 1-minute load average around the runs "
                      f"{min(loads):.1f}-{max(loads):.1f} ({os.cpu_count()} CPUs)")
-        notes += harness.comm_lines(world, systems, runs)
+        notes += report.comm_lines(world, systems, runs)
         for s in systems:
-            detail = ", ".join(f"{k} {harness.median(r.phases[k] for r in runs[s]):.1f}" for k in runs[s][0].phases)
+            detail = ", ".join(f"{k} {report.median(r.phases[k] for r in runs[s]):.1f}" for k in runs[s][0].phases)
             notes.append(f"world {world}: {s} run phases, median s: {detail}")
         for note in notes:
             print(f"{bullet}{note}")

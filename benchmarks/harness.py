@@ -35,32 +35,20 @@ bytes (``Built.state_parts``) and the peak resident set size (VmHWM).
 
 from __future__ import annotations
 
-import argparse
-import bisect
-import contextlib
-import glob
-import importlib.util
-import inspect
 import json
 import os
-import signal
 import statistics
 import sys
-import sysconfig
 import tempfile
-import threading
 import time
 import traceback
-from collections import defaultdict
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.nn import functional as F
-from torch.profiler import ProfilerActivity, profile, record_function
 
 # The examples' model, found relative to this file (no installed package).
 _EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -68,25 +56,20 @@ if _EXAMPLES not in sys.path:
     sys.path.insert(0, _EXAMPLES)
 
 from gpt_model import GPT, PRESETS, GPTConfig, num_params  # noqa: E402
+from measure import (  # noqa: E402
+    batch_for,
+    corpus,
+    lm_loss,
+    lo_bytes,
+    load_average,
+    state_by_name,
+    tensor_bytes,
+    vm_hwm_bytes,
+    written_bytes,
+)
+from profile_ranges import PHASES, StepProfiler  # noqa: E402
 
 __all__ = ["GPT", "PRESETS", "GPTConfig", "num_params"]  # re-exported for the benchmarks
-
-# The record_function ranges shardopt emits (one per call of what they name).
-GRAD_COPY = "shardopt.grad_copy"  # a gradient copied into its bucket (backward hook)
-REDUCE_LAUNCH = "shardopt.reduce_launch"  # issuing one reduction
-REDUCE_COMPLETE = "shardopt.reduce_complete"  # waiting for one reduction and finishing it
-REDUCE_WAIT = "shardopt.reduce_wait"  # waiting for all reductions at the start of step()
-UPDATE = "shardopt.update"  # the update rules plus master write-back
-ALL_GATHER = "shardopt.all_gather"  # parameter all-gathers
-MATRIX_TRANSFORM = "shardopt.matrix_transform"  # Newton-Schulz in ZeroOptimizer's Muon step
-MATRIX_EXCHANGE = "shardopt.matrix_exchange"  # the straddling matrices' all-to-alls
-
-# The parts of a training step, each timed and (when profiling) marked "bench.<phase>".
-PHASES = ("forward", "backward", "step", "zero_grad")
-PHASE_PREFIX = "bench."
-DURATION = "duration"  # key of a phase's whole time in step_ranges()
-OTHER = "other"  # key of its time outside every named range
-
 
 @dataclass(frozen=True)
 class Config:
@@ -105,96 +88,6 @@ class Config:
     def model_config(self) -> GPTConfig:
         base = PRESETS[self.preset]
         return replace(base, seq_len=self.seq) if self.seq else base
-
-
-# ---------------------------------------------------------------------- measurement
-
-
-def lo_bytes() -> tuple[int, int]:
-    """(rx, tx) byte counters of the loopback interface, from /proc/net/dev."""
-    with open("/proc/net/dev") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name.strip() == "lo":
-                fields = rest.split()
-                return int(fields[0]), int(fields[8])
-    raise RuntimeError("no 'lo' interface in /proc/net/dev")
-
-
-def _proc_field(path: str, key: str) -> int:
-    with open(path) as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1])
-    return 0
-
-
-def vm_hwm_bytes() -> int:
-    """This process's peak resident set size (VmHWM)."""
-    return _proc_field("/proc/self/status", "VmHWM:") * 1024
-
-
-def written_bytes() -> int:
-    """Bytes this process (all threads) passed to write-like syscalls (``wchar`` of /proc/self/io).
-
-    gloo's TCP transport sends with writev, so between two barriers this counts
-    the bytes this rank put on its sockets (plus any file writes, none in the
-    timed steps), unaffected by other processes' loopback traffic.
-    """
-    return _proc_field("/proc/self/io", "wchar:")
-
-
-def load_average() -> float:
-    """The 1-minute load average (other processes on this machine compete for its cores)."""
-    with open("/proc/loadavg") as f:
-        return float(f.read().split()[0])
-
-
-def tensor_bytes(tensors: Iterable[Any]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
-
-
-def state_by_name(state: Mapping[Any, Mapping[str, Any]]) -> dict[str, int]:
-    """Bytes of a torch.optim ``state`` mapping (param -> dict), by state name."""
-    parts: dict[str, int] = {}
-    for entry in state.values():
-        for name, value in entry.items():
-            if torch.is_tensor(value):
-                parts[name] = parts.get(name, 0) + value.numel() * value.element_size()
-    return parts
-
-
-# ---------------------------------------------------------------------- data
-
-
-def corpus() -> tuple[torch.Tensor, str]:
-    """About 2 MB of bytes: the standard library's top-level .py files, sorted by name."""
-    stdlib = sysconfig.get_paths()["stdlib"]
-    chunks, total, used = [], 0, 0
-    for path in sorted(glob.glob(os.path.join(stdlib, "*.py"))):
-        with open(path, "rb") as f:
-            data = f.read()
-        chunks.append(data)
-        total += len(data)
-        used += 1
-        if total >= 2_000_000:
-            break
-    data = b"".join(chunks)
-    tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-    version = sysconfig.get_python_version()
-    return tokens, f"{len(data):,} bytes of {used} .py files of Python {version}'s standard library"
-
-
-def batch_for(tokens: torch.Tensor, seed: int, step: int, rank: int, batch: int, seq: int) -> torch.Tensor:
-    """(batch, seq + 1) windows at offsets drawn from a generator seeded by (seed, step, rank)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + rank)
-    starts = torch.randint(0, tokens.numel() - seq - 1, (batch,), generator=gen)
-    return torch.stack([tokens[s : s + seq + 1] for s in starts.tolist()])
-
-
-def lm_loss(forward: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    logits = forward(tokens[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
 # ---------------------------------------------------------------------- systems
@@ -283,102 +176,6 @@ def built_deepspeed(model: torch.nn.Module, stage: int, batch: int, optimizer: d
         note=note,
         **extra,
     )
-
-
-# ---------------------------------------------------------------------- profiler ranges
-
-
-def python_event(function: Callable[..., Any]) -> str:
-    """The name torch.profiler's Python tracer gives calls of ``function`` (decorators unwrapped)."""
-    code = inspect.unwrap(function).__code__
-    return f"{code.co_filename}({code.co_firstlineno}): {code.co_name}"
-
-
-class StepProfiler:
-    """``torch.profiler`` (CPU activity) over the timed steps, or nothing when no range is asked for."""
-
-    def __init__(self, names: Collection[str], traced: Mapping[str, str]) -> None:
-        self.names = set(names)
-        self.traced = dict(traced)
-        self.enabled = bool(self.names)
-        self._profile: Any = None
-
-    def __enter__(self) -> StepProfiler:
-        if self.enabled:
-            # The Python tracer only where a function without a range is to be timed.
-            self._profile = profile(activities=[ProfilerActivity.CPU], with_stack=bool(self.traced))
-            self._profile.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._profile is not None:
-            self._profile.__exit__(*exc)
-
-    def phase(self, name: str) -> contextlib.AbstractContextManager[Any]:
-        return record_function(PHASE_PREFIX + name) if self.enabled else contextlib.nullcontext()
-
-    def ranges(self) -> list[dict[str, dict[str, float]]] | None:
-        if self._profile is None:
-            return None
-        return step_ranges(self._profile.events(), PHASES, self.names, self.traced)
-
-
-def step_ranges(events: Iterable[Any], phases: Sequence[str], names: Collection[str],
-                aliases: Mapping[str, str]) -> list[dict[str, dict[str, float]]]:
-    """Per step, per phase: seconds in each named range, nested named ranges excluded.
-
-    ``events`` are torch.profiler FunctionEvents; the k-th ``bench.<phase>``
-    range is phase ``phase`` of step k. A named range (or an event renamed by
-    ``aliases``) counts for the phase its start falls in; its time excludes the
-    named ranges nested in it on its thread. Each phase also gets ``DURATION``
-    (its whole time) and ``OTHER`` (its time outside every named range).
-    """
-    phase_names = {PHASE_PREFIX + p for p in phases}
-    intervals: set[tuple[int, float, float, str]] = set()  # (thread, start, end, name); a set drops duplicates
-    for event in events:
-        name = event.name if event.name in names or event.name in phase_names else aliases.get(event.name)
-        if name is not None:
-            intervals.add((event.thread, event.time_range.start, event.time_range.end, name))
-
-    exclusive: dict[tuple[int, float, float, str], float] = {}
-    by_thread: dict[int, list[tuple[int, float, float, str]]] = defaultdict(list)
-    for interval in intervals:
-        by_thread[interval[0]].append(interval)
-    for items in by_thread.values():
-        items.sort(key=lambda i: (i[1], -i[2]))
-        open_: list[tuple[int, float, float, str]] = []
-        for item in items:
-            while open_ and open_[-1][2] <= item[1]:
-                open_.pop()
-            exclusive[item] = item[2] - item[1]
-            if open_:
-                exclusive[open_[-1]] -= item[2] - item[1]
-            open_.append(item)
-
-    occurrences = {p: sorted(i for i in intervals if i[3] == PHASE_PREFIX + p) for p in phases}
-    steps: list[dict[str, dict[str, float]]] = [{} for _ in occurrences[phases[0]]]
-    spans = []  # (start, end, step, phase) of every phase occurrence
-    for phase, items in occurrences.items():
-        for step, item in enumerate(items[: len(steps)]):
-            steps[step][phase] = {DURATION: (item[2] - item[1]) / 1e6, OTHER: exclusive[item] / 1e6}
-            spans.append((item[1], item[2], step, phase))
-    spans.sort()
-    starts = [s[0] for s in spans]
-    for item in intervals:
-        if item[3] in phase_names:
-            continue
-        index = bisect.bisect_right(starts, item[1]) - 1
-        if index >= 0 and item[1] < spans[index][1]:
-            _, _, step, phase = spans[index]
-            totals = steps[step][phase]
-            totals[item[3]] = totals.get(item[3], 0.0) + exclusive[item] / 1e6
-    return steps
-
-
-def range_seconds(ranges: list[dict[str, dict[str, float]]], names: Collection[str],
-                  phases: Collection[str] = PHASES) -> list[float]:
-    """Per step: seconds in ``names`` during ``phases``."""
-    return [sum(step.get(p, {}).get(n, 0.0) for p in phases for n in names) for step in ranges]
 
 
 # ---------------------------------------------------------------------- one rank
@@ -679,159 +476,3 @@ def run_all(systems: Sequence[str], world_sizes: Sequence[int], repeats: int,
                       f"{run.load[0]:.1f} -> {run.load[1]:.1f})", file=sys.stderr, flush=True)
     print(f"total benchmark time {time.monotonic() - started:.0f} s", file=sys.stderr)
     return results
-
-
-# ---------------------------------------------------------------------- options and environment
-
-
-def argument_parser(doc: str | None, systems: Sequence[str], *, timeout: float, batch_help: str,
-                    loss_tol_help: str) -> argparse.ArgumentParser:
-    """The options every benchmark here takes; the script adds its own."""
-    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
-    parser.add_argument("--world-sizes", default="2,4", help="comma-separated gloo world sizes (default 2,4)")
-    parser.add_argument("--systems", default=",".join(systems), help=f"comma-separated, from {', '.join(systems)}")
-    parser.add_argument("--preset", default="bench", choices=sorted(PRESETS), help="model preset (default bench)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per run (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every system (default 3)")
-    parser.add_argument("--batch", type=int, default=1, help=batch_help)
-    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the preset's seq_len)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
-    parser.add_argument("--loss-tol", type=float, default=1e-3, help=loss_tol_help)
-    parser.add_argument("--timeout", type=float, default=timeout,
-                        help=f"seconds allowed per run (default {timeout:.0f})")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--markdown", action="store_true", help="print GitHub markdown tables")
-    return parser
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
-               systems: Sequence[str]) -> argparse.Namespace:
-    """Parse and check the options of :func:`argument_parser` (world sizes, systems, counts)."""
-    args = parser.parse_args(argv)
-    args.world_sizes = [int(w) for w in args.world_sizes.split(",") if w]
-    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in args.systems if s not in systems]
-    if unknown:
-        parser.error(f"unknown systems {unknown}; choose from {', '.join(systems)}")
-    if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.batch < 1 or args.threads < 1:
-        parser.error("--steps, --repeats, --batch, --threads must be >= 1 and --warmup >= 0")
-    if args.seq is not None and args.seq < 1:
-        parser.error("--seq must be >= 1")
-    if not args.world_sizes or any(w < 2 for w in args.world_sizes):
-        parser.error("--world-sizes must all be >= 2")
-    return args
-
-
-def config_from(args: argparse.Namespace, ranges: Sequence[str] = ()) -> dict[str, Any]:
-    """:class:`Config`'s fields from parsed options (a script's Config subclass adds its own)."""
-    return dict(preset=args.preset, seq=args.seq, batch=args.batch, warmup=args.warmup, steps=args.steps,
-                threads=args.threads, seed=args.seed, timeout=args.timeout, ranges=tuple(ranges))
-
-
-def prepare_run(threads: int, systems: Sequence[str], deepspeed_systems: Sequence[str]) -> tuple[list[str], str | None]:
-    """Environment the spawned ranks inherit, and the systems that can run: ``(systems, deepspeed version)``.
-
-    Eager PyTorch everywhere (``TORCHDYNAMO_DISABLE=1`` unless set), gloo on
-    127.0.0.1, ``OMP_NUM_THREADS=threads``; DeepSpeed systems are dropped with a
-    note when ``deepspeed`` is not importable.
-    """
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo traffic on 127.0.0.1 only
-    systems = list(systems)
-    ds_version = None
-    if any(s in deepspeed_systems for s in systems):
-        if importlib.util.find_spec("deepspeed") is None:
-            print("note: deepspeed is not importable; skipping "
-                  + ", ".join(s for s in systems if s in deepspeed_systems)
-                  + " (pip install -e '.[deepspeed]')")
-            systems = [s for s in systems if s not in deepspeed_systems]
-        else:
-            from importlib.metadata import version
-
-            ds_version = version("deepspeed")
-    if not systems:
-        raise SystemExit("no systems to run")
-    return systems, ds_version
-
-
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds through spawn_ranks, which kills the ranks
-
-
-def setup_lines(ds_version: str | None, batch: int, seq_len: int, descriptions: Mapping[str, str],
-                systems: Sequence[str]) -> tuple[str, str, str]:
-    """The versions, data and systems lines every report starts with."""
-    _, corpus_note = corpus()
-    return (
-        f"torch {torch.__version__}, deepspeed {ds_version or 'not used'}, python {sys.version.split()[0]}, "
-        f"{os.cpu_count()} CPUs",
-        f"data: {corpus_note}; micro-batch {batch} x {seq_len} tokens per rank per step",
-        "systems: " + "; ".join(f"{s} = {descriptions[s]}" for s in systems),
-    )
-
-
-# ---------------------------------------------------------------------- reporting
-
-
-def mib(nbytes: float) -> str:
-    return f"{nbytes / 2**20:.1f}"
-
-
-def median(values: Iterable[float]) -> float:
-    return statistics.median(list(values))
-
-
-def format_table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
-    """Aligned plain text (first column left, others right), or a GitHub markdown table."""
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-    table = [header, *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = []
-    for index, row in enumerate(table):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if index == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def check_losses(world: int, checked: Sequence[str], runs: Mapping[str, list[Run]], tol: float,
-                 others: Sequence[str] = ()) -> tuple[list[str], int]:
-    """Eval losses of ``checked`` within ``tol`` of the first's: ``(notes, mismatches)``; ``others`` only reported."""
-    if not checked:
-        return [], 0
-    base_system = checked[0]
-    base = runs[base_system][0].eval_loss
-    notes, mismatches, worst = [], 0, 0.0
-    for system in checked:
-        for run in runs[system]:
-            diff = abs(run.eval_loss - base)
-            worst = max(worst, diff)
-            if diff > tol:
-                mismatches += 1
-                notes.append(f"world {world}: {system} eval loss {run.eval_loss:.6f} differs from "
-                             f"{base_system}'s {base:.6f} by {diff:.2e} > {tol:.0e}")
-    status = "MISMATCH" if mismatches else "ok"
-    notes.insert(0, f"world {world}: eval losses of {', '.join(checked)} agree with {base_system}'s {base:.6f} "
-                    f"to within {worst:.2e} (tolerance {tol:.0e}): {status}")
-    if others:
-        notes.append(f"world {world}: not checked (different math or precision), eval loss - {base_system}'s: "
-                     + ", ".join(f"{s} {runs[s][0].eval_loss - base:+.2e}" for s in others))
-    return notes, mismatches
-
-
-def comm_lines(world: int, systems: Sequence[str], runs: Mapping[str, list[Run]]) -> list[str]:
-    """One line per system with ``comm_stats()``: bytes per step by kind (first repeat, mean over ranks)."""
-    lines = []
-    for system in systems:
-        comm = runs[system][0].comm_per_rank_step
-        if comm is not None:
-            detail = ", ".join(f"{k} {mib(v)}" for k, v in comm.items() if v)
-            lines.append(f"world {world}: {system} comm_stats() MiB/rank/step: {detail or 'none'}")
-    return lines

@@ -11,7 +11,8 @@ import torch
 # inherit the environment): fresh and released communication buffers are NaN, so
 # a read of an element no collective wrote fails the comparison with the oracle
 # (shardopt/comm.py). The cross-rank agreement check costs one small collective
-# per collective; the Muon, scale and collective workers turn it on themselves.
+# per collective; the scale and collective workers, and the Muon workers at two
+# ranks, turn it on themselves.
 os.environ.setdefault("SHARDOPT_POISON_BUFFERS", "1")
 
 
