@@ -108,8 +108,7 @@ them for every system (each pays the profiler's per-op cost):
   batch after the timed steps (eval loss). shardopt-muon, shardopt-muon-z1 and naive-muon
   must agree within ``--loss-tol`` (1e-3); exit status 1 otherwise.
 
-The whole set of systems is repeated ``--repeats`` times, interleaved (A B C ... A B C
-...); the tables report medians over repeats. Ratios vs shardopt-muon: > 1 is slower.
+The systems repeat ``--repeats`` times, interleaved (A B C A B C ...); tables report medians.
 
 Usage, from the repository root::
 
@@ -136,9 +135,7 @@ import options
 import profile_ranges
 import report
 import torch
-from harness import GPT, Run, num_params
-from profile_ranges import MATRIX_TRANSFORM
-from report import mib
+from harness import Run
 from torch.profiler import record_function
 
 import shardopt
@@ -173,7 +170,7 @@ SAME_MATH = ("shardopt-muon", "shardopt-muon-z1", "naive-muon")  # losses must a
 MIXED_PRECISION_SYSTEMS = ("shardopt-muon", "shardopt-adamw")
 
 DEEPSPEED_NS = "deepspeed.newton_schulz"  # the range the DeepSpeed-only patch below adds
-NS_RANGES = (MATRIX_TRANSFORM, DEEPSPEED_NS)
+NS_RANGES = (profile_ranges.MATRIX_TRANSFORM, DEEPSPEED_NS)
 NS_MATRICES = "ns_matrices"  # the counter of orthogonalized matrices
 
 
@@ -202,7 +199,7 @@ def build_naive_muon(model: torch.nn.Module, ns_dtype: str) -> harness.Built:
     ddp = DDP(model)
     opt = shardopt.Muon(shardopt.muon_param_groups(ddp.module), **dict(MUON_KWARGS, ns_dtype=ns_dtype))
     # No range in the single-process step: the profiler's Python tracer times the rule's transform.
-    traced = {profile_ranges.python_event(type(opt.muon_rule).transform): MATRIX_TRANSFORM}
+    traced = {profile_ranges.python_event(type(opt.muon_rule).transform): profile_ranges.MATRIX_TRANSFORM}
     return harness.built_module(ddp, opt, lambda: measure.state_by_name(opt.state), counters=ns_counter(opt.muon_rule),
                                 traced=traced, note="tensors in shardopt.Muon.state (all of it, on every rank)")
 
@@ -290,7 +287,7 @@ def mixed_precision_state(system: str, cfg: Config, tokens: torch.Tensor) -> dic
     if system not in MIXED_PRECISION_SYSTEMS:
         return {"mixed_state_bytes": None}
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model_config()).to(torch.bfloat16)
+    model = harness.GPT(cfg.model_config()).to(torch.bfloat16)
     if system == "shardopt-muon":
         opt = shardopt.ZeroOptimizer(shardopt.muon_param_groups(model), shardopt.Muon, stage=2,
                                      precision=shardopt.PrecisionPolicy(), **MUON_KWARGS)
@@ -388,9 +385,9 @@ def table_rows(world: int, systems: Sequence[str], sums: dict[str, Summary]) -> 
             f"{s.ns_max_ms:.1f}" if s.ns_max_ms is not None else "n/a",
             ratio(s.ns_max_ms, ideal_ms) if s.ns_max_ms is not None else "n/a",
             f"{s.ns_matrices:.0f}" if s.ns_matrices is not None else "n/a",
-            mib(s.wire),
-            mib(s.comm) if s.comm is not None else "-",
-            mib(s.state),
+            report.mib(s.wire),
+            report.mib(s.comm) if s.comm is not None else "-",
+            report.mib(s.state),
             ratio(s.step_ms, ref.step_ms if ref else None),
             ratio(s.opt_ms, ref.opt_ms if ref else None),
             f"{s.eval_loss:.5f}",
@@ -424,8 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = Config(**options.config_from(args, NS_RANGES), ns_dtype=args.ns_dtype)
     gpt_config = cfg.model_config()
     torch.manual_seed(args.seed)
-    reference_model = GPT(gpt_config)
-    n_params = num_params(reference_model)
+    reference_model = harness.GPT(gpt_config)
+    n_params = harness.num_params(reference_model)
     groups = shardopt.muon_param_groups(reference_model)
     muon_params = [p for g in groups if g["use_muon"] for p in g["params"]]
     mixed_expected = expected_mixed_ratio(reference_model)
@@ -433,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     versions, data, described = options.setup_lines(ds_version, args.batch, gpt_config.seq_len, DESCRIPTIONS, systems)
 
     print(versions)
-    print(f"model: GPT(PRESETS[{args.preset!r}]) {gpt_config}, {n_params:,} fp32 parameters; Muon group: "
+    print(f"model: harness.GPT(PRESETS[{args.preset!r}]) {gpt_config}, {n_params:,} fp32 parameters; Muon group: "
           f"{len(muon_params)} matrices, {sum(p.numel() for p in muon_params):,} elements")
     print(data)
     print(f"Muon: lr {MUON_LR}, momentum {MOMENTUM} (Nesterov), weight_decay {WEIGHT_DECAY}, {NS_STEPS} "
@@ -468,16 +465,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         adamw_mixed = sums["shardopt-adamw"].mixed if "shardopt-adamw" in sums else None
         if muon_mixed and adamw_mixed:
             notes.append(f"world {world}: mixed precision (bf16 params, PrecisionPolicy() fp32 master), master + "
-                         f"optimizer states MiB/rank (max): shardopt-muon {mib(muon_mixed)}, shardopt-adamw "
-                         f"{mib(adamw_mixed)}; Muon/AdamW ratio {muon_mixed / adamw_mixed:.3f} (expected from the "
-                         f"parameter split, without padding: {mixed_expected:.3f})")
+                         f"optimizer states MiB/rank (max): shardopt-muon {report.mib(muon_mixed)}, shardopt-adamw "
+                         f"{report.mib(adamw_mixed)}; Muon/AdamW ratio {muon_mixed / adamw_mixed:.3f} (expected "
+                         f"from the parameter split, without padding: {mixed_expected:.3f})")
         else:
             notes.append(f"world {world}: mixed-precision Muon/AdamW state ratio: n/a (needs shardopt-muon and "
                          "shardopt-adamw)")
         notes += report.comm_lines(world, systems, runs)
         for s in systems:
             run = runs[s][0]
-            detail = ", ".join(f"{k} {mib(v)}" for k, v in run.largest_state_parts.items() if v)
+            detail = ", ".join(f"{k} {report.mib(v)}" for k, v in run.largest_state_parts.items() if v)
             notes.append(f"world {world}: {s} state MiB on its largest rank: {detail} ({run.note})")
         for s in systems:
             total, in_step = ns_per_rank(runs[s][0]), ns_per_rank(runs[s][0], ("step",))
