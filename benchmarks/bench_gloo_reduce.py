@@ -29,7 +29,7 @@ CALLS = 5
 
 
 def rank_main(rank: int, world: int, store_path: str, results: Any) -> None:
-    from shardopt.comm import Communicator
+    from shardopt.zero.comm import Communicator
 
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     comm = Communicator(dist.group.WORLD)

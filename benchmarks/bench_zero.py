@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "MiB/step/rank")
     collectives: dict[int, list[list[Any]]] = {}
     if args.profile:
-        from shardopt.plan import DEFAULT_BUCKET_NUMEL
+        from shardopt.zero.plan import DEFAULT_BUCKET_NUMEL
 
         for world in args.world_sizes:
             collectives[world] = run_collectives(world, [DEFAULT_BUCKET_NUMEL, n_params], cfg)

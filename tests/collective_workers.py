@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from shardopt.comm import BufferOwnershipError, CollectiveMismatchError, Communicator
+from shardopt.zero.comm import BufferOwnershipError, CollectiveMismatchError, Communicator
 
 
 def _raised(fn) -> str:

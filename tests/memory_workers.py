@@ -1,7 +1,7 @@
 """Runs on every spawned rank for test_memory.py: ZeroOptimizer's measured bytes, per case.
 
 Each case builds ``PlanNet``, wraps it in ZeroOptimizer with the optimizer the
-planner's registry names (``shardopt.memory.OPTIMIZERS``), takes one step
+planner's registry names (``shardopt.planner.OPTIMIZERS``), takes one step
 (states are allocated at the first step) and returns ``memory_report()`` plus
 what the report does not cover: the plan's buckets, each group's declared
 state, the bytes of ``p.grad`` tensors that are not views of a bucket, and the
@@ -15,8 +15,9 @@ import torch.distributed as dist
 from torch import nn
 
 import shardopt
-from shardopt import memory, zero_optimizer
-from shardopt.plan import DEFAULT_BUCKET_NUMEL
+from shardopt import planner
+from shardopt.zero import optimizer as zero_optimizer
+from shardopt.zero.plan import DEFAULT_BUCKET_NUMEL
 
 VOCAB, WIDTH, BATCH, SEQ = 23, 10, 12, 5  # BATCH divisible by world sizes 1-4
 
@@ -47,7 +48,7 @@ class PlanNet(nn.Module):
 
 # (label, optimizer, stage, param dtype, precision name or (reduce, master), bucket_numel)
 # (label, optimizer, stage, param dtype, precision, bucket_numel, Muon matrix_layout)
-CASES = [(f"{o}/stage{s}/fp32", o, s, "float32", "fp32", 256, "balanced") for o in memory.OPTIMIZERS for s in (1, 2)]
+CASES = [(f"{o}/stage{s}/fp32", o, s, "float32", "fp32", 256, "balanced") for o in planner.OPTIMIZERS for s in (1, 2)]
 CASES += [
     ("adamw/stage2/mixed", "adamw", 2, "bfloat16", "mixed", 256, "balanced"),
     ("adamw/stage1/mixed", "adamw", 1, "bfloat16", "mixed", 256, "balanced"),
@@ -65,10 +66,10 @@ def layout_of(plan: shardopt.ShardPlan) -> str:
     return repr((plan.storages, [b.chunk for b in plan.buckets], plan.reduce_units))
 
 
-def precision_of(param_dtype: str, precision: str | tuple[str, str]) -> memory.Precision:
+def precision_of(param_dtype: str, precision: str | tuple[str, str]) -> planner.Precision:
     if isinstance(precision, str):
-        return memory.PRECISIONS[precision]
-    return memory.Precision("custom", param_dtype, *precision)
+        return planner.PRECISIONS[precision]
+    return planner.Precision("custom", param_dtype, *precision)
 
 
 def _grad_window_probe(opt: shardopt.ZeroOptimizer, model: nn.Module) -> tuple[list[int], list[str]]:
@@ -95,7 +96,7 @@ def measure(rank: int, world: int, case: tuple, group: object) -> dict[str, obje
     _label, optimizer, stage, dtype, precision, bucket_numel, layout = case
     torch.manual_seed(0)
     model = PlanNet().to(getattr(torch, dtype))
-    cls, hp = memory.OPTIMIZERS[optimizer]
+    cls, hp = planner.OPTIMIZERS[optimizer]
     params = shardopt.muon_param_groups(model) if optimizer == "muon" else model.parameters()
     opt = shardopt.ZeroOptimizer(params, cls, stage=stage, bucket_numel=bucket_numel, process_group=group,
                                  precision=precision_of(dtype, precision).policy(), matrix_layout=layout,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from shardopt import memory
-from shardopt.cli import main
+from shardopt import planner
+from shardopt.planner.cli import main
 
 CATEGORIES = {"params", "grads", "master_params", "optimizer_states", "activations", "buffers", "total"}
 
@@ -43,7 +43,7 @@ def test_json_has_the_documented_keys_and_matches_estimate(capsys):
     assert per_rank["total"] == sum(v for k, v in per_rank.items() if k != "total")
     assert data["total_params"] == 68_976_648_192
     assert data["matrix_params"] == 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672)
-    expected = memory.estimate("llama2-70b", optimizer="muon", zero_stage=1, dp=8, gpu="h200-141gb")
+    expected = planner.estimate("llama2-70b", optimizer="muon", zero_stage=1, dp=8, gpu="h200-141gb")
     assert per_rank == expected.per_rank_bytes()
     assert data["fits"] is expected.fits is False
     assert data["optimizer_states"].keys() == {"momentum_buffer", "step", "exp_avg", "exp_avg_sq"}
@@ -76,12 +76,12 @@ def test_search_finds_the_smallest_fitting_dp_per_stage(capsys):
     assert code == 0
     for row in data["search"]:
         if row["dp"] is None:
-            assert not memory.estimate("llama2-7b", zero_stage=row["zero_stage"], dp=64, gpu="a100-40gb",
+            assert not planner.estimate("llama2-7b", zero_stage=row["zero_stage"], dp=64, gpu="a100-40gb",
                                        seq_len=2048).fits
             continue
         assert row["report"]["fits"]
         if row["dp"] > 1:
-            smaller = memory.estimate("llama2-7b", zero_stage=row["zero_stage"], dp=row["dp"] - 1,
+            smaller = planner.estimate("llama2-7b", zero_stage=row["zero_stage"], dp=row["dp"] - 1,
                                       gpu="a100-40gb", seq_len=2048)
             assert not smaller.fits
     fitting = [r for r in data["search"] if r["dp"] is not None]

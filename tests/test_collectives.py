@@ -10,7 +10,7 @@ import pytest
 import torch
 from dist_harness import run_ranks
 
-from shardopt.comm import POISON_ENV, Communicator, flag_from_env
+from shardopt.zero.comm import POISON_ENV, Communicator, flag_from_env
 
 PROGRAMS = ["mismatched_exchange_dtype", "mismatched_exchange_counts", "mismatched_all_gather", "ownership",
             "poison"]

@@ -20,7 +20,8 @@ import torch
 from dist_harness import run_ranks
 from torch import nn
 
-from shardopt import ParamInfo, activations, memory, plan_shards, presets
+from shardopt import ParamInfo, plan_shards, planner
+from shardopt.planner import accounting, activations, presets
 from shardopt.rules import Granularity
 
 # ---------------------------------------------------------------- publications
@@ -29,7 +30,7 @@ from shardopt.rules import Granularity
 @pytest.mark.parametrize(("stage", "expected_gb"), [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
 def test_zero_paper_worked_example(stage, expected_gb):
     # 7.5B parameters, 64 ranks, mixed-precision Adam: (2 + 2 + 12) psi / sharding (ZeRO, Figure 1).
-    r = memory.estimate(7_500_000_000, optimizer="adam", precision="mixed", zero_stage=stage, dp=64)
+    r = planner.estimate(7_500_000_000, optimizer="adam", precision="mixed", zero_stage=stage, dp=64)
     assert round(r.rank.model_states / 1e9, 1) == expected_gb
     assert r.rank.master_params + sum(r.rank.optimizer_states.values()) == pytest.approx(
         12 * 7.5e9 / (1 if stage == 0 else 64), rel=1e-5)
@@ -93,13 +94,13 @@ def test_meta_model_plans_like_its_config(optimizer):
         module = _llama_module(arch)
     assert [(n, tuple(p.shape)) for n, p in module.named_parameters()] == presets.param_shapes(arch)
     kwargs = dict(optimizer=optimizer, zero_stage=2, dp=64)
-    from_preset = memory.estimate("llama2-70b", **kwargs)
-    registration = memory.estimate(module, **kwargs)
+    from_preset = planner.estimate("llama2-70b", **kwargs)
+    registration = planner.estimate(module, **kwargs)
     # A module gives no forward order: the planner assumes the reverse of registration,
     # which for pre-norm blocks launches buckets earlier than the preset's use order.
     assert [r.model_states for r in registration.ranks] == [r.model_states for r in from_preset.ranks]
     names = [n for n, _ in module.named_parameters()]
-    from_module = memory.estimate(module, grad_arrival=presets.backward_order(names), **kwargs)
+    from_module = planner.estimate(module, grad_arrival=presets.backward_order(names), **kwargs)
     assert from_module.ranks == from_preset.ranks
     assert from_module.total_params == 68_976_648_192
     assert from_module.matrix_params == from_preset.matrix_params
@@ -107,9 +108,9 @@ def test_meta_model_plans_like_its_config(optimizer):
 
 def test_chapter_claims_for_llama2_70b():
     # The chapter: "params (140GB) + optimizer state (280GB) = 420GB"; "Muon saves 50%".
-    adamw_report = memory.estimate("llama2-70b", optimizer="adamw", zero_stage=0)
+    adamw_report = planner.estimate("llama2-70b", optimizer="adamw", zero_stage=0)
     adamw = adamw_report.rank
-    muon = memory.estimate("llama2-70b", optimizer="muon", zero_stage=0).rank
+    muon = planner.estimate("llama2-70b", optimizer="muon", zero_stage=0).rank
     psi = 68_976_648_192
     assert (adamw.params, adamw.grads, adamw.master_params) == (2 * psi, 2 * psi, 4 * psi)
     assert sum(adamw.optimizer_states.values()) == 8 * psi + 4 * adamw_report.num_buckets  # + fp32 steps
@@ -124,7 +125,7 @@ def test_chapter_claims_for_llama2_70b():
 @pytest.mark.parametrize("name", ["llama3-70b", "qwen2.5-72b", "mixtral-8x7b", "gpt3-175b"])
 def test_tensor_and_pipeline_splits(name, tmp_path):
     arch = presets.PRESETS[name].architecture()
-    r = memory.estimate(name, optimizer="adamw", zero_stage=1, dp=4, tp=8, pp=4, sequence_parallel=True)
+    r = planner.estimate(name, optimizer="adamw", zero_stage=1, dp=4, tp=8, pp=4, sequence_parallel=True)
     stage = presets.param_shapes(arch, tp=8, pp=4, stage=r.pipeline_stage)
     assert r.stage_params == sum(math.prod(s) for _, s in stage)
     # Column-parallel rows and the vocabulary are cut 8 ways; norms are whole.
@@ -133,7 +134,7 @@ def test_tensor_and_pipeline_splits(name, tmp_path):
     # A config.json file gives what its preset gives.
     path = tmp_path / "config.json"
     path.write_text(json.dumps(dict(presets.PRESETS[name].config)))
-    from_file = memory.estimate(str(path), optimizer="adamw", zero_stage=1, dp=4, tp=8, pp=4, sequence_parallel=True)
+    from_file = planner.estimate(str(path), optimizer="adamw", zero_stage=1, dp=4, tp=8, pp=4, sequence_parallel=True)
     assert from_file.per_rank_bytes() == r.per_rank_bytes()
 
 
@@ -201,7 +202,7 @@ def test_swiglu_gqa_and_pipeline_assumptions():
 def test_bad_input_names_the_problem(kwargs, message):
     model = kwargs.pop("model")
     with pytest.raises(ValueError) as err:  # noqa: PT011 - the message is checked as a substring below
-        memory.estimate(model, **kwargs)
+        planner.estimate(model, **kwargs)
     assert message in str(err.value)
 
 
@@ -210,10 +211,10 @@ def test_malformed_config_file_names_file_and_field(tmp_path):
     path.write_text('{"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32, '
                     '"num_hidden_layers": 32, "intermediate_size": 11008, "vocab_size": -5}')
     with pytest.raises(ValueError, match=r"config.json: field 'vocab_size' must be a positive integer, got -5"):
-        memory.estimate(str(path))
+        planner.estimate(str(path))
     path.write_text("{not json")
     with pytest.raises(ValueError, match=r"config.json: not valid JSON"):
-        memory.estimate(str(path))
+        planner.estimate(str(path))
 
 
 # ---------------------------------------------------------------- plan reading
@@ -230,14 +231,14 @@ def test_used_by_rank_equals_the_plan(world_size):
         for layout in ("balanced", "whole"):
             plan = plan_shards(infos, world_size, bucket_numel=bucket_numel, matrix_layout=layout)
             for storage in plan.storages:
-                assert memory.used_by_rank(storage) == [storage.used_area_numel(r) for r in range(world_size)]
+                assert planner.used_by_rank(storage) == [storage.used_area_numel(r) for r in range(world_size)]
 
 
 def test_70b_at_512_ranks_is_fast():
-    memory.estimate("llama2-7b", dp=8)  # warm imports
+    planner.estimate("llama2-7b", dp=8)  # warm imports
     start = time.perf_counter()
-    memory.estimate("llama2-70b", optimizer="adamw", zero_stage=3, dp=512)
-    memory.estimate("llama2-70b", optimizer="muon", zero_stage=2, dp=512, bucket_numel=10**9)
+    planner.estimate("llama2-70b", optimizer="adamw", zero_stage=3, dp=512)
+    planner.estimate("llama2-70b", optimizer="muon", zero_stage=2, dp=512, bucket_numel=10**9)
     assert time.perf_counter() - start < 2 * 2.0
 
 
@@ -259,10 +260,10 @@ def test_planner_equals_memory_report_on_every_rank(world_size):
         got = [measured()[rank][world_size][label] for rank in range(world_size)]
         # Gradients arrive in autograd's order; the planner replays the reducer on it.
         arrival = got[0]["grad_arrival"]
-        r = memory.estimate(model, optimizer=optimizer, precision=precision, zero_stage=stage, dp=world_size,
+        r = planner.estimate(model, optimizer=optimizer, precision=precision, zero_stage=stage, dp=world_size,
                             bucket_numel=bucket_numel, grad_arrival=arrival, matrix_layout=layout)
-        infos, groups = memory.param_infos(named, optimizer, dtype)
-        plan, _ = memory.plan_rank_bytes(infos, groups, precision, stage, world_size, bucket_numel,
+        infos, groups = planner.param_infos(named, optimizer, dtype)
+        plan, _ = planner.plan_rank_bytes(infos, groups, precision, stage, world_size, bucket_numel,
                                          matrix_layout=layout)
         for rank in range(world_size):
             planned, measured_rank = r.ranks[rank], got[rank]
@@ -291,11 +292,11 @@ def test_muon_workspace_is_the_largest_batch_with_what_the_loop_still_holds():
     def single(rows, cols, count=1):
         return count * (rows * cols * 4 + (2 * rows * cols + 2 * min(rows, cols) ** 2) * 2)
 
-    assert memory.muon_workspace(shapes, hp, torch.float32) == max(
+    assert accounting.muon_workspace(shapes, hp, torch.float32) == max(
         single(64, 32), 64 * 32 * 2 + single(16, 16), 16 * 16 * 2 + single(8, 4, 2))
-    assert memory.muon_workspace(shapes, {**hp, "nesterov": False}, torch.float32) == 64 * 32 * 2 * 2 + 2 * 32 * 32 * 2
+    assert accounting.muon_workspace(shapes, {**hp, "nesterov": False}, torch.float32) == 64 * 32 * 2 * 2 + 2 * 32 * 32 * 2
     # fp32: same shapes form one batch, its torch.cat stack alive through Newton-Schulz.
     x, gram = 64 * 32, 32 * 32
-    assert memory.muon_workspace([(64, 32)] * 3, {**hp, "ns_dtype": "float32"}, torch.float32) == max(
+    assert accounting.muon_workspace([(64, 32)] * 3, {**hp, "ns_dtype": "float32"}, torch.float32) == max(
         3 * x * 4 * 2, 3 * x * 4 + 3 * (2 * x + 2 * gram) * 4)
-    assert memory.muon_workspace([], hp, torch.float32) == 0
+    assert accounting.muon_workspace([], hp, torch.float32) == 0

@@ -11,8 +11,9 @@ import functools
 
 import pytest
 
-from shardopt import Granularity, ParamInfo, plan_shards, presets
-from shardopt.plan import DEFAULT_BUCKET_NUMEL
+from shardopt import Granularity, ParamInfo, plan_shards
+from shardopt.planner import presets
+from shardopt.zero.plan import DEFAULT_BUCKET_NUMEL
 
 
 @functools.cache
@@ -96,12 +97,12 @@ def test_the_first_steps_reduction_order_holds_little_more_than_later_steps():
     # ZeroOptimizer numbers a Muon setup's parameters group by group (every matrix
     # before the embedding, whose gradient arrives last); the first step launches in
     # the plan's order, so that order must interleave the groups as backward does.
-    from shardopt import memory
-    from shardopt.memory_plan import reduce_window_numel
+    from shardopt import planner
+    from shardopt.planner.accounting import reduce_window_numel
 
     arch, _ = presets.resolve("llama2-70b")
     named = [(name, tuple(shape), True) for name, shape in presets.param_shapes(arch)]
-    infos, _ = memory.param_infos(named, "muon", "bfloat16")
+    infos, _ = planner.param_infos(named, "muon", "bfloat16")
     assert [i.group for i in infos] == sorted(i.group for i in infos)  # group-major numbering
     index = {info.name: info.index for info in infos}
     arrival = [index[name] for name in presets.backward_order([n for n, _, _ in named])]

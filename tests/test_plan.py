@@ -10,7 +10,7 @@ from itertools import pairwise
 import pytest
 
 from shardopt import Granularity, ParamInfo, plan_shards
-from shardopt.plan import PlanError
+from shardopt.zero.plan import PlanError
 
 
 def infos(shapes, granularity=Granularity.ELEMENTWISE, group=0):

@@ -1,9 +1,10 @@
-"""Dependencies run one way: the memory planner reads plans, policy and rules, never the engine.
+"""Dependencies run one way: planner -> zero's plan data and policy -> rules; the engine never the planner.
 
 The planner must predict the runtime from the same declarations (plan, rule
-state, precision policy), not by importing the engine's internals; and the
-engine must not depend on the planner. Checked on the import statements of
-every module, so a new import that breaks the direction fails here.
+state, precision policy), not by importing the engine's runtime; the engine
+must not depend on the planner; the rules depend on neither; and no two
+modules import each other. Checked on the import statements of every module,
+so a new import that breaks the direction fails here.
 """
 
 from __future__ import annotations
@@ -14,39 +15,90 @@ from pathlib import Path
 import shardopt
 
 PACKAGE = Path(shardopt.__file__).parent
-PLANNER = {"memory", "memory_plan", "presets", "architectures", "activations", "cli"}
-ENGINE_INTERNALS = {"hooks", "buffers", "comm", "matrix_step", "zero_optimizer", "checkpoint"}
+# What the planner may read of the engine: pure data and declarations, no tensors or process groups.
+ZERO_DATA = {"shardopt.zero.plan", "shardopt.zero.layout", "shardopt.zero.schedule", "shardopt.zero.policy"}
+DEPRECATED_ALIASES = {"shardopt.memory"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+MODULES = _modules()
 
 
 def _imports(module: str) -> set[str]:
-    """First-level shardopt modules that ``shardopt/<module>.py`` imports."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    """The shardopt modules (fully qualified) that ``module`` imports, where they exist as modules."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:
-                found.update(alias.name for alias in node.names)
-            elif node.level == 0 and node.module and node.module.startswith("shardopt."):
-                found.add(node.module.split(".")[1])
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("shardopt"):
+                continue
+            submodules = {f"{target}.{alias.name}" for alias in node.names} & MODULES.keys()
+            found |= submodules or {target}
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("shardopt."))
-    return found
+            found |= {a.name for a in node.names if a.name.startswith("shardopt")}
+    return found - {module}
 
 
-def test_the_planner_does_not_import_engine_internals():
-    for module in sorted(PLANNER):
-        assert not (_imports(module) & ENGINE_INTERNALS), f"{module} imports {_imports(module) & ENGINE_INTERNALS}"
+def test_the_planner_reads_only_the_engines_plan_data_and_policy():
+    for module in sorted(m for m in MODULES if m.startswith("shardopt.planner")):
+        engine = {m for m in _imports(module) if m.startswith("shardopt.zero")}
+        assert engine <= ZERO_DATA, f"{module} imports {sorted(engine - ZERO_DATA)}"
 
 
-def test_the_engine_does_not_import_the_planner():
-    engine = {path.stem for path in PACKAGE.glob("*.py")} - PLANNER - {"__init__"}
-    for module in sorted(engine):
-        assert not (_imports(module) & PLANNER), f"{module} imports {_imports(module) & PLANNER}"
+def test_nothing_but_the_planner_imports_the_planner():
+    for module in sorted(m for m in MODULES if not m.startswith("shardopt.planner")):
+        if module in DEPRECATED_ALIASES:
+            continue
+        planner = {m for m in _imports(module) if m.startswith("shardopt.planner")}
+        assert not planner, f"{module} imports {sorted(planner)}"
+
+
+def test_the_plan_data_and_the_rules_do_not_import_the_runtime():
+    runtime = {m for m in MODULES if m.startswith("shardopt.zero")} - ZERO_DATA - {"shardopt.zero"}
+    for module in sorted((ZERO_DATA & MODULES.keys()) | {m for m in MODULES if m.startswith("shardopt.rules")}):
+        assert not (_imports(module) & runtime), f"{module} imports {sorted(_imports(module) & runtime)}"
+    for module in sorted(m for m in MODULES if m.startswith("shardopt.rules")):
+        outside = {m for m in _imports(module) if not m.startswith("shardopt.rules")}
+        assert not outside, f"{module} imports {sorted(outside)}"
+
+
+def test_no_import_cycles():
+    graph = {m: _imports(m) & MODULES.keys() for m in MODULES}
+    # Packages import their own modules to form their public surface; that is not a cycle.
+    for module in graph:
+        graph[module] = {m for m in graph[module] if not module.startswith(m + ".")}
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for other in sorted(graph[module]):
+            assert state.get(other) != 1, f"import cycle: {' -> '.join([*path, module, other])}"
+            if other not in state:
+                visit(other, [*path, module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
 
 
 def test_the_checker_sees_imports():
-    # The rule above would pass vacuously if _imports found nothing.
-    assert {"plan", "policy"} <= _imports("memory_plan")
-    assert {"hooks", "comm", "policy"} <= _imports("zero_optimizer")
+    # The rules above would pass vacuously if _imports found nothing.
+    assert {"shardopt.zero.plan", "shardopt.zero.policy"} <= _imports("shardopt.planner.accounting")
+    assert {"shardopt.zero.reducer", "shardopt.zero.comm", "shardopt.rules.base"} <= _imports(
+        "shardopt.zero.optimizer")
+    assert "shardopt.planner.report" in _imports("shardopt.planner")

@@ -185,7 +185,7 @@ def test_named_parameters_label_errors():
 def test_a_heavily_padded_plan_warns():
     import warnings
 
-    from shardopt.zero_optimizer import warn_if_padded
+    from shardopt.zero.optimizer import warn_if_padded
 
     big = [shardopt.ParamInfo(i, f"m{i}", (1024, 1024), "float32", 0, shardopt.Granularity.MATRIX) for i in range(2)]
     # Two whole 1M-element matrices over 8 ranks: six areas are all padding.

@@ -1,6 +1,6 @@
 """``shardopt plan``: per-GPU memory of a training configuration, from the planner.
 
-A thin command line over :func:`shardopt.memory.estimate` (``main(argv=None)``
+A thin command line over :func:`shardopt.report.estimate` (``main(argv=None)``
 so tests call it, as ``torch/distributed/run.py`` does). One configuration
 prints a table with each row's formula source; comma lists
 (``--optimizer adamw,muon --zero-stage 0,1,2,3 --dp 8,64``) print one line per
@@ -20,9 +20,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import memory
-from .plan import DEFAULT_BUCKET_NUMEL
-from .policy import MAX_IN_FLIGHT
+from ..zero.plan import DEFAULT_BUCKET_NUMEL
+from ..zero.policy import MAX_IN_FLIGHT
+from . import accounting, report
 from .presets import PRESETS
 
 CATEGORIES = ("params", "grads", "master_params", "optimizer_states", "activations", "buffers")
@@ -76,7 +76,7 @@ def _stage(text: str) -> int:
 def _gpu(text: str) -> str | int:
     if text.isdigit():
         return int(text)
-    return _choice("gpu", [*memory.GPUS, "BYTES"])(text)
+    return _choice("gpu", [*report.GPUS, "BYTES"])(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help=f"a preset ({', '.join(PRESETS)}) or a Hugging Face config.json")
     source.add_argument("--params", type=_count, help="a bare parameter count, e.g. 7.5e9 (no activations)")
-    p.add_argument("--optimizer", type=_list(_choice("optimizer", list(memory.OPTIMIZERS))), default=["adamw"],
-                   help=f"one of {', '.join(memory.OPTIMIZERS)} (comma list: one line each)")
-    p.add_argument("--precision", type=_choice("precision", list(memory.PRECISIONS)), default="mixed",
+    p.add_argument("--optimizer", type=_list(_choice("optimizer", list(accounting.OPTIMIZERS))), default=["adamw"],
+                   help=f"one of {', '.join(accounting.OPTIMIZERS)} (comma list: one line each)")
+    p.add_argument("--precision", type=_choice("precision", list(accounting.PRECISIONS)), default="mixed",
                    help="fp32 | bf16 (states too) | mixed (bf16 params and grads, fp32 master and states)")
     p.add_argument("--zero-stage", type=_list(_stage), default=[2], help="0, 1, 2 or 3 (comma list)")
     p.add_argument("--dp", type=_list(_positive), default=[1], help="data-parallel size (comma list)")
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute", type=_choice("recompute", ["none", "selective", "full"]), default="selective",
                    help="activation recomputation (selective = what flash attention stores)")
     p.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (needs --tp)")
-    p.add_argument("--gpu", type=_gpu, default="h100-80gb", help=f"{' | '.join(memory.GPUS)} | BYTES")
+    p.add_argument("--gpu", type=_gpu, default="h100-80gb", help=f"{' | '.join(report.GPUS)} | BYTES")
     p.add_argument("--bucket-numel", type=_positive, default=DEFAULT_BUCKET_NUMEL,
                    help="ZeroOptimizer(bucket_numel=...)")
     p.add_argument("--matrix-layout", type=_choice("matrix_layout", ["balanced", "whole"]), default="balanced",
@@ -128,8 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _estimate(args: argparse.Namespace, optimizer: str, stage: int, dp: int) -> memory.MemoryReport:
-    return memory.estimate(
+def _estimate(args: argparse.Namespace, optimizer: str, stage: int, dp: int) -> report.MemoryReport:
+    return report.estimate(
         args.model if args.params is None else args.params, optimizer=optimizer, precision=args.precision,
         zero_stage=stage, dp=dp, tp=args.tp, pp=args.pp, seq_len=args.seq_len, micro_batch=args.micro_batch,
         recompute=args.recompute, sequence_parallel=args.sequence_parallel, gpu=args.gpu,
@@ -163,9 +163,9 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / GB:10.2f} {nbytes / GIB:10.2f}"
 
 
-def _sources(r: memory.MemoryReport) -> dict[str, str]:
+def _sources(r: report.MemoryReport) -> dict[str, str]:
     p = r.precision
-    p_item, r_item = memory.itemsize(p.param), memory.itemsize(p.reduce)
+    p_item, r_item = accounting.itemsize(p.param), accounting.itemsize(p.reduce)
     keep_flat = r.zero_stage <= 1 or r.plan_world_size == 1
     where = "this rank's region" if r.zero_stage == 3 else "every bucket, padding included"
     grads = "whole flat gradient, all-reduced in place" if keep_flat else "this rank's gradient region"
@@ -186,7 +186,7 @@ def _sources(r: memory.MemoryReport) -> dict[str, str]:
     }
 
 
-def render(r: memory.MemoryReport) -> str:
+def render(r: report.MemoryReport) -> str:
     """The default table: one row per category (and its parts), GB and GiB, and the source."""
     header = (f"shardopt plan: {r.model}, {r.optimizer}, {r.precision.name} precision, ZeRO-{r.zero_stage}, "
               f"dp={r.dp} x tp={r.tp} x pp={r.pp} = {r.dp * r.tp * r.pp} GPUs")
@@ -215,7 +215,7 @@ def render(r: memory.MemoryReport) -> str:
     return "\n".join(lines)
 
 
-def render_sweep(reports: Sequence[memory.MemoryReport]) -> str:
+def render_sweep(reports: Sequence[report.MemoryReport]) -> str:
     """One line per configuration, per-rank GB by category."""
     r0 = reports[0]
     cols = ("params", "grads", "master", "states", "activ.", "buffers", "total")
@@ -248,7 +248,7 @@ def search(args: argparse.Namespace) -> list[dict[str, Any]]:
     power of two that does not fit and the first that does.
     """
     found = []
-    for stage in memory.STAGES:
+    for stage in accounting.STAGES:
         fit = None
         below = 0
         for dp in _powers(args.max_dp):
@@ -303,7 +303,7 @@ def _plot(args: argparse.Namespace, path: str) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     colors = dict(zip(CATEGORIES, ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#b07aa1")))
     gpu_bytes = 0
-    for stage, ax in zip(memory.STAGES, axes.flat):
+    for stage, ax in zip(accounting.STAGES, axes.flat):
         reports = [_estimate(args, args.optimizer[0], stage, dp) for dp in dps]
         gpu_bytes = reports[0].gpu_bytes
         bottom = [0.0] * len(dps)

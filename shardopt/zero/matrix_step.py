@@ -32,10 +32,10 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
+from ..rules.base import MatrixRule
 from .buffers import StorageBuffers
 from .comm import Communicator
 from .plan import Piece, ShardPlan
-from .rules.base import MatrixRule
 
 
 def _slice_state(state: Mapping[str, Tensor], start: int, numel: int) -> dict[str, Tensor]:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+from ..rules.base import Granularity
 from .plan import (
     DEFAULT_ALIGN_NUMEL,
     DEFAULT_BUCKET_NUMEL,
@@ -48,7 +49,6 @@ from .plan import (
     Storage,
     _ns_cost,
 )
-from .rules.base import Granularity
 
 MATRIX_LAYOUTS = ("balanced", "whole")
 # A matrix storage's chunk (its share of one bucket per rank) is at least this

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .rules.base import StateShape
+from ..rules.base import StateShape
 
 if TYPE_CHECKING:
-    from .zero_optimizer import ZeroOptimizer
+    from .optimizer import ZeroOptimizer
 
 SHARDED_FORMAT = "shardopt-sharded-v2"  # v2: states per storage area
 

@@ -38,17 +38,17 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
+from ..optimizer_base import ParamsT, RuleOptimizer
+from ..optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
+from ..rules.base import Granularity, MatrixRule, apply_update
 from . import checkpoint
 from .buffers import BucketBuffers, StorageBuffers, storage_bytes
 from .comm import Communicator, default_group, digest_tensor
-from .hooks import GradientReducer
 from .layout import plan_shards
 from .matrix_step import MatrixStep
-from .optimizer_base import ParamsT, RuleOptimizer
-from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
 from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, Storage
 from .policy import PrecisionPolicy
-from .rules.base import Granularity, MatrixRule, apply_update
+from .reducer import GradientReducer
 
 # Warn when padding exceeds this share of a plan of at least this many elements
 # (tiny test models pad proportionally more and do not matter).

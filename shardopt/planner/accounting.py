@@ -21,16 +21,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layout import plan_shards
-from .muon_optimizer import Muon, muon_param_groups
-from .optimizer_base import RuleOptimizer
-from .optimizers import SGD, Adagrad, Adam, AdamW, Lion, RMSprop
-from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, Storage
-from .policy import MAX_IN_FLIGHT, PrecisionPolicy
-from .rules import AdamWRule, MuonRule
-from .rules.base import Granularity, StateShape, StateSpec, UpdateRule
-from .rules.muon import resolve_ns_dtype
-from .rules.newton_schulz import matrix_shape
+from ..muon_optimizer import Muon, muon_param_groups
+from ..optimizer_base import RuleOptimizer
+from ..optimizers import SGD, Adagrad, Adam, AdamW, Lion, RMSprop
+from ..rules import AdamWRule, MuonRule
+from ..rules.base import Granularity, StateShape, StateSpec, UpdateRule
+from ..rules.muon import resolve_ns_dtype
+from ..rules.newton_schulz import matrix_shape
+from ..zero.layout import plan_shards
+from ..zero.plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, Storage
+from ..zero.policy import MAX_IN_FLIGHT, PrecisionPolicy
 
 # CLI optimizer names -> (runtime optimizer class, hyperparameters beyond its defaults).
 OPTIMIZERS: dict[str, tuple[type[RuleOptimizer], dict[str, Any]]] = {

@@ -35,8 +35,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .rules.base import Granularity
-from .rules.newton_schulz import matrix_shape, newton_schulz_flops
+from ..rules.base import Granularity
+from ..rules.newton_schulz import matrix_shape, newton_schulz_flops
 
 DEFAULT_BUCKET_NUMEL = 1 << 23
 DEFAULT_ALIGN_NUMEL = 64

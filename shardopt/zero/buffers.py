@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..rules.base import StateSpec, allocate_state
 from .comm import new_buffer
 from .plan import Bucket, Storage
-from .rules.base import StateSpec, allocate_state
 
 
 @dataclass

@@ -1,0 +1,33 @@
+"""shardopt's ZeRO-1/2 engine.
+
+Data model and placement, pure (no tensors, no process group; the planner
+reads these too): :mod:`.plan` (storages, buckets, validation, reports),
+:mod:`.layout` (where :func:`plan_shards` puts every parameter),
+:mod:`.policy` (precision and the reduction window).
+
+Runtime: :mod:`.comm` (the only module that calls torch.distributed),
+:mod:`.buffers` (the tensors a rank holds for a plan), :mod:`.reducer`
+(backward hooks and gradient reduction), :mod:`.matrix_step` (a matrix
+rule's step with straddler exchange), :mod:`.optimizer` (:class:`ZeroOptimizer`)
+and :mod:`.checkpoint` (its state dicts).
+"""
+
+from .comm import BufferOwnershipError, CollectiveMismatchError
+from .layout import plan_shards
+from .optimizer import ZeroOptimizer
+from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, PlanError, ShardPlan
+from .policy import MAX_IN_FLIGHT, PrecisionPolicy
+
+__all__ = [
+    "DEFAULT_ALIGN_NUMEL",
+    "DEFAULT_BUCKET_NUMEL",
+    "MAX_IN_FLIGHT",
+    "BufferOwnershipError",
+    "CollectiveMismatchError",
+    "ParamInfo",
+    "PlanError",
+    "PrecisionPolicy",
+    "ShardPlan",
+    "ZeroOptimizer",
+    "plan_shards",
+]
