@@ -2,11 +2,11 @@
 
 Each of ``world`` spawned gloo ranks (127.0.0.1) reduces a 16 MiB fp32 tensor to
 rank 0 five times, first with ``torch.distributed.reduce``, then with
-``shardopt.comm.Communicator.reduce_avg`` (the path ZeroOptimizer uses for Muon's
-matrices at stage 2). Rank 0 reads the ``lo`` transmit counter of
-``/proc/net/dev`` around each, between barriers, and prints bytes per call
-over the tensor's bytes; the ideal is ``world - 1`` (every other rank sends its
-copy once).
+``shardopt.zero.comm_gloo.GlooCommunicator.reduce_avg`` (the path ZeroOptimizer
+uses for Muon's matrices at stage 2 on gloo). Rank 0 reads the ``lo`` transmit
+counter of ``/proc/net/dev`` around each, between barriers, and prints bytes
+per call over the tensor's bytes; the ideal is ``world - 1`` (every other rank
+sends its copy once).
 
 Usage, from the repository root::
 
@@ -29,10 +29,10 @@ CALLS = 5
 
 
 def rank_main(rank: int, world: int, store_path: str, results: Any) -> None:
-    from shardopt.zero.comm import Communicator
+    from shardopt.zero.comm_gloo import communicator_for
 
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
-    comm = Communicator(dist.group.WORLD)
+    comm = communicator_for(dist.group.WORLD)
     tensor = torch.ones(NUMEL)
     ratios = {}
     for name, reduce in (("dist.reduce", lambda: dist.reduce(tensor, 0)),

@@ -64,12 +64,10 @@ them for every system (each pays the profiler's per-op cost):
 * opt step ms: rank 0's wall time of ``opt.step()`` (DeepSpeed: ``engine.step()``), median
   over the timed steps. step ms: rank 0's forward + backward + step + zero_grad.
 * NS ms/rank (max): Newton-Schulz seconds per step on each rank, read from the profiler.
-  shardopt-muon(-z1): the ``record_function`` range ``shardopt.matrix_transform`` that
-  ZeroOptimizer's Muon step emits around each batch of matrices it orthogonalizes.
-  naive-muon: single-process ``shardopt.Muon`` emits no such range, so the profiler's
-  Python tracer (``with_stack=True``, for this system only) records calls of its rule's
-  ``transform`` (``type(opt.muon_rule).transform``), the same span as the range.
-  DeepSpeed emits no range either: for the ds-muon systems only, and the one patch left
+  shardopt-muon(-z1), naive-muon: the ``record_function`` range ``shardopt.matrix_transform``
+  that ZeroOptimizer's Muon step and single-process ``shardopt.Muon`` (``MatrixRule.update``)
+  emit around each batch of matrices they orthogonalize.
+  DeepSpeed emits no range: for the ds-muon systems only, and the one patch left
   in these benchmarks, the module attributes ``zeropower_via_newtonschulz5`` and
   ``zeropower_via_gram_newtonschulz`` of ``deepspeed.runtime.zero.muon.original_muon``
   (which its ``muon_update`` looks up at call time) are replaced in the rank processes
@@ -78,11 +76,11 @@ them for every system (each pays the profiler's per-op cost):
   maximum over ranks.
 * NS vs ideal: that maximum / (naive-muon's per-rank NS time / world size): 1.0 means the
   orthogonalization work is split perfectly over the ranks (only when naive-muon ran).
-* NS matrices/step: matrices orthogonalized per step, summed over ranks
-  (deltas of the public counter ``muon_rule.num_orthogonalized``: ``opt.inner.muon_rule``
-  of a ZeroOptimizer, ``opt.muon_rule`` of ``shardopt.Muon``; for DeepSpeed the matrices
-  passed to its Newton-Schulz functions). Equal to the model's matrix count when each is
-  done once.
+* NS matrices/step: matrices orthogonalized per step, summed over ranks. shardopt: in one more
+  step after the timed window, under its own profiler, from the range ``MuonRule.transform``
+  names with the matrices of each Newton-Schulz call (``shardopt.newton_schulz 3x1024x256``);
+  DeepSpeed: the matrices passed to its Newton-Schulz functions over the timed steps. Equal to
+  the model's matrix count when each is done once.
 * wire MiB/rank/step: ``lo`` tx bytes of ``/proc/net/dev`` over the timed window (rank 0
   reads it; includes every byte gloo sends over 127.0.0.1, and any other process's
   loopback traffic) / world / steps.
@@ -136,7 +134,7 @@ import profile_ranges
 import report
 import torch
 from harness import Run
-from torch.profiler import record_function
+from torch.profiler import ProfilerActivity, profile, record_function
 
 import shardopt
 
@@ -171,7 +169,8 @@ MIXED_PRECISION_SYSTEMS = ("shardopt-muon", "shardopt-adamw")
 
 DEEPSPEED_NS = "deepspeed.newton_schulz"  # the range the DeepSpeed-only patch below adds
 NS_RANGES = (profile_ranges.MATRIX_TRANSFORM, DEEPSPEED_NS)
-NS_MATRICES = "ns_matrices"  # the counter of orthogonalized matrices
+NS_MATRICES = "ns_matrices"  # the count of orthogonalized matrices
+BUILT: list[harness.Built] = []  # this rank's system, for the step after the timed window
 
 
 @dataclass(frozen=True)
@@ -182,15 +181,11 @@ class Config(harness.Config):
 # ---------------------------------------------------------------------- systems
 
 
-def ns_counter(rule: Any) -> Callable[[], dict[str, float]]:
-    """The public count of matrices a shardopt Muon rule has orthogonalized."""
-    return lambda: {NS_MATRICES: rule.num_orthogonalized}
-
-
 def build_shardopt_muon(model: torch.nn.Module, stage: int, ns_dtype: str) -> harness.Built:
     opt = shardopt.ZeroOptimizer(shardopt.muon_param_groups(model), shardopt.Muon, stage=stage,
                                  **dict(MUON_KWARGS, ns_dtype=ns_dtype))
-    return harness.built_zero(model, opt, counters=ns_counter(opt.inner.muon_rule))
+    BUILT[:] = [harness.built_zero(model, opt)]
+    return BUILT[0]
 
 
 def build_naive_muon(model: torch.nn.Module, ns_dtype: str) -> harness.Built:
@@ -198,19 +193,13 @@ def build_naive_muon(model: torch.nn.Module, ns_dtype: str) -> harness.Built:
 
     ddp = DDP(model)
     opt = shardopt.Muon(shardopt.muon_param_groups(ddp.module), **dict(MUON_KWARGS, ns_dtype=ns_dtype))
-    # No range in the single-process step: the profiler's Python tracer times the rule's transform.
-    traced = {profile_ranges.python_event(type(opt.muon_rule).transform): profile_ranges.MATRIX_TRANSFORM}
-    return harness.built_module(ddp, opt, lambda: measure.state_by_name(opt.state), counters=ns_counter(opt.muon_rule),
-                                traced=traced, note="tensors in shardopt.Muon.state (all of it, on every rank)")
+    BUILT[:] = [harness.built_module(ddp, opt, lambda: measure.state_by_name(opt.state),
+                                     note="tensors in shardopt.Muon.state (all of it, on every rank)")]
+    return BUILT[0]
 
 
 # ---------------------------------------------------------------------- DeepSpeed only: a Newton-Schulz range
-#
-# DeepSpeed emits no profiler range around Newton-Schulz, which runs in two module-level
-# functions of deepspeed.runtime.zero.muon.original_muon that its muon_update looks up at
-# call time. This is the one patch left in the benchmarks, applied in the ds-muon ranks
-# only: both functions are replaced by wrappers that run them inside
-# record_function(DEEPSPEED_NS) and count the matrices they orthogonalize.
+# (the one patch left in the benchmarks, in the ds-muon ranks only; the module docstring says what it does)
 
 
 def mark_deepspeed_newton_schulz() -> Callable[[], dict[str, float]]:
@@ -282,6 +271,17 @@ def build(system: str, model: torch.nn.Module, cfg: Config) -> harness.Built:
     raise ValueError(system)
 
 
+def after_window(system: str, cfg: Config, tokens: torch.Tensor) -> dict[str, Any]:
+    """Untimed: the matrices shardopt orthogonalizes in one more step, profiled; mixed precision."""
+    out: dict[str, Any] = {}
+    if system in SAME_MATH:  # no Built.counters: the count goes where Run.counted_per_step reads it
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            BUILT[0].backward(BUILT[0].forward(tokens))
+            BUILT[0].step()
+        out["counters_per_step"] = {NS_MATRICES: shardopt.rules.muon.count_orthogonalized(prof.events())}
+    return {**out, **mixed_precision_state(system, cfg, tokens)}
+
+
 def mixed_precision_state(system: str, cfg: Config, tokens: torch.Tensor) -> dict[str, Any]:
     """master + optimizer-state bytes on this rank of a bf16 copy of the model after one step."""
     if system not in MIXED_PRECISION_SYSTEMS:
@@ -303,7 +303,7 @@ def mixed_precision_state(system: str, cfg: Config, tokens: torch.Tensor) -> dic
 
 def worker(rank: int, world: int, system: str, cfg: Config, run_dir: str) -> None:
     harness.rank_main(rank, world, system, cfg, run_dir, build, deepspeed=system in DEEPSPEED_SYSTEMS,
-                      after=mixed_precision_state)
+                      after=after_window)
 
 
 def run_once(system: str, world: int, cfg: Config) -> Run:

@@ -73,6 +73,13 @@ class Muon(RuleOptimizer):
     def rule_for_group(self, group: Mapping[str, Any]) -> UpdateRule:
         return self.muon_rule if group.get("use_muon", True) else self.adamw_rule
 
+    @classmethod
+    def default_groups(cls, named: Iterable[tuple[str, Tensor]]) -> list[tuple[list[Tensor], UpdateRule, bool]]:
+        """:func:`muon_param_groups`' groups; the AdamW group's hyperparameters come from
+        the ``adamw_*`` keywords, not the main ones."""
+        return [(group["params"], MuonRule() if group["use_muon"] else AdamWRule(), group["use_muon"])
+                for group in muon_param_groups(named)]
+
     def fill_group_defaults(self, param_group: dict[str, Any]) -> None:
         if not param_group.get("use_muon", True):
             for key, value in self._adamw_defaults.items():

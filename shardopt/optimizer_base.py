@@ -80,6 +80,16 @@ class RuleOptimizer(torch.optim.Optimizer):
     def rule_for_group(self, group: Mapping[str, Any]) -> UpdateRule:
         return self.rule
 
+    @classmethod
+    def default_groups(cls, named: Iterable[tuple[str, Tensor]]) -> list[tuple[list[Tensor], UpdateRule, bool]]:
+        """The param groups this optimizer's documented usage forms from a model's named
+        parameters, without constructing one: ``(params, rule, configured)`` per group,
+        ``configured`` when the constructor's main keyword arguments set that group's
+        hyperparameters. The memory planner reads it (constructing a
+        ``torch.optim.Optimizer`` first imports torch._dynamo, which takes seconds).
+        """
+        return [([p for _, p in named], cls.rule, True)]
+
     def param_label(self, param: Tensor) -> str:
         labels = getattr(self, "_param_labels", {})
         return labels.get(id(param), f"parameter of shape {tuple(param.shape)}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from shardopt.zero.comm import BufferOwnershipError, CollectiveMismatchError, Communicator
+from shardopt.zero.comm import BufferOwnershipError, CollectiveMismatchError
+from shardopt.zero.comm_gloo import communicator_for
 
 
 def _raised(fn) -> str:
@@ -18,7 +19,7 @@ def _raised(fn) -> str:
 
 def mismatched_exchange_dtype(rank: int, world: int) -> str:
     """The defect of issue 16 in miniature: one rank exchanges bf16, its peer fp32."""
-    comm = Communicator(dist.group.WORLD, check=True, poison=True)
+    comm = communicator_for(dist.group.WORLD, check=True, poison=True)
     dtype = torch.bfloat16 if rank == 0 else torch.float32
     counts = [0 if r == rank else 3 for r in range(world)]
     return _raised(lambda: comm.exchange(torch.ones(sum(counts), dtype=dtype), counts, counts, dtype))
@@ -26,21 +27,21 @@ def mismatched_exchange_dtype(rank: int, world: int) -> str:
 
 def mismatched_exchange_counts(rank: int, world: int) -> str:
     """Rank 0 sends 3 elements to each peer, which expect 2."""
-    comm = Communicator(dist.group.WORLD, check=True, poison=True)
+    comm = communicator_for(dist.group.WORLD, check=True, poison=True)
     send = [0 if r == rank else (3 if rank == 0 else 2) for r in range(world)]
     receive = [0 if r == rank else 2 for r in range(world)]
     return _raised(lambda: comm.exchange(torch.ones(sum(send)), send, receive, torch.float32))
 
 
 def mismatched_all_gather(rank: int, world: int) -> str:
-    comm = Communicator(dist.group.WORLD, check=True, poison=True)
+    comm = communicator_for(dist.group.WORLD, check=True, poison=True)
     flat = torch.zeros(world * (4 if rank == 0 else 5))
     return _raised(lambda: comm.all_gather_inplace(flat, async_op=True).wait())
 
 
 def ownership(rank: int, world: int) -> dict[str, object]:
     """A collective on bytes an in-flight one owns raises; after the wait it runs."""
-    comm = Communicator(dist.group.WORLD, check=True)
+    comm = communicator_for(dist.group.WORLD, check=True)
     flat = torch.arange(8 * world, dtype=torch.float32) + rank
     output = torch.empty(8)
     work = comm.reduce_scatter_avg(output, flat, async_op=True)
@@ -56,11 +57,11 @@ def ownership(rank: int, world: int) -> dict[str, object]:
 
 
 def poison(rank: int, world: int) -> dict[str, bool]:
-    comm = Communicator(dist.group.WORLD, check=True, poison=True)
+    comm = communicator_for(dist.group.WORLD, check=True, poison=True)
     fresh = comm.empty(5, torch.float32, torch.device("cpu"))
     used = torch.ones(4)
     comm.retire(used)
-    plain = Communicator(dist.group.WORLD, poison=False)
+    plain = communicator_for(dist.group.WORLD, poison=False)
     kept = torch.ones(4)
     plain.retire(kept)
     return {"fresh_nan": bool(fresh.isnan().all()), "retired_nan": bool(used.isnan().all()),

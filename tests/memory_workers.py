@@ -18,6 +18,7 @@ import shardopt
 from shardopt import planner
 from shardopt.zero import optimizer as zero_optimizer
 from shardopt.zero.plan import DEFAULT_BUCKET_NUMEL
+from shardopt.zero.schedule import reduce_units
 
 VOCAB, WIDTH, BATCH, SEQ = 23, 10, 12, 5  # BATCH divisible by world sizes 1-4
 
@@ -63,7 +64,7 @@ CASES += [
 
 def layout_of(plan: shardopt.ShardPlan) -> str:
     """The plan's placement without parameter names (the planner names parameters differently)."""
-    return repr((plan.storages, [b.chunk for b in plan.buckets], plan.reduce_units))
+    return repr((plan.storages, [b.chunk for b in plan.buckets], reduce_units(plan)))
 
 
 def precision_of(param_dtype: str, precision: str | tuple[str, str]) -> planner.Precision:
@@ -72,24 +73,20 @@ def precision_of(param_dtype: str, precision: str | tuple[str, str]) -> planner.
     return planner.Precision("custom", param_dtype, *precision)
 
 
-def _grad_window_probe(opt: shardopt.ZeroOptimizer, model: nn.Module) -> tuple[list[int], list[str]]:
-    """Record the order gradients arrive in, and the bytes of full-bucket gradient
-    buffers alive after each arrival."""
-    seen: list[int] = []
+def _arrival_probe(model: nn.Module) -> list[str]:
+    """Record the order gradients arrive in."""
     order: list[str] = []
 
     def make_probe(name: str):
         def probe(_: torch.Tensor) -> None:
             order.append(name)
-            seen.append(opt.reducer.buffer_bytes())
 
         return probe
 
-    # Registered after ZeroOptimizer's hooks, so each runs after its parameter's.
     for name, p in model.named_parameters():
         if p.requires_grad:
             p.register_post_accumulate_grad_hook(make_probe(name))
-    return seen, order
+    return order
 
 
 def measure(rank: int, world: int, case: tuple, group: object) -> dict[str, object]:
@@ -102,7 +99,7 @@ def measure(rank: int, world: int, case: tuple, group: object) -> dict[str, obje
                                  precision=precision_of(dtype, precision).policy(), matrix_layout=layout,
                                  lr=1e-3, **hp)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    seen, order = _grad_window_probe(opt, model)
+    order = _arrival_probe(model)
     casts: list[int] = []
     grad_regions = opt._grad_regions
 
@@ -120,7 +117,6 @@ def measure(rank: int, world: int, case: tuple, group: object) -> dict[str, obje
     # Two steps: from the second on, the reducer launches in the order the first completed.
     for step in range(2):
         if step == 1:
-            seen.clear()
             order.clear()
         opt.zero_grad()
         logits = model(tokens[:, :-1])
@@ -137,7 +133,8 @@ def measure(rank: int, world: int, case: tuple, group: object) -> dict[str, obje
         "layout": layout_of(opt.plan),
         "specs": specs,
         "grad_copies": copies,
-        "grad_window_peak": max(seen, default=0),
+        # The second backward's, launched in the order the first completed.
+        "grad_window_peak": report["comm_buffers_peak"],
         "grad_arrival": order,
         "grad_cast": casts[0],
     }

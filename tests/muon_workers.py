@@ -12,8 +12,10 @@ import os
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import shardopt
+from shardopt.rules.muon import count_orthogonalized
 
 BATCH = 24  # divisible by world sizes 1, 2, 3 and 4
 SEQ = 6
@@ -71,6 +73,14 @@ def max_diff(a: nn.Module, b: nn.Module) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
 
 
+def orthogonalized_in_step(opt: torch.optim.Optimizer) -> int:
+    """``opt.step()`` under torch.profiler: the matrices this rank orthogonalized in it,
+    read from the rule's Newton-Schulz ranges (what a user's profile shows)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.step()
+    return count_orthogonalized(prof.events())
+
+
 def _pair(hp: dict | None = None, **zero_kwargs):
     hp = {**HP, **(hp or {})}
     torch.manual_seed(0)
@@ -95,9 +105,7 @@ def _train(rank: int, world: int, model, ref, opt, ref_opt, *, clip: float | Non
         if step == poison_step and rank == world - 1:
             loss = loss * float("inf")  # every gradient of this rank becomes inf or nan
         loss.backward()
-        before = opt.inner.muon_rule.num_orthogonalized
-        opt.step()
-        counts.append(opt.inner.muon_rule.num_orthogonalized - before)
+        counts.append(orthogonalized_in_step(opt))
         opt.zero_grad()
         if step == poison_step:
             skipped.append(opt.num_skipped_steps)

@@ -1,5 +1,6 @@
 """The Communicator's guarantees: ranks that disagree raise instead of misreading bytes,
-and a buffer owned by an in-flight collective cannot be touched by another."""
+and a buffer owned by an in-flight collective cannot be touched by another; and the
+factory that picks its type (native or gloo) from the group's backend."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import functools
 import collective_workers as w
 import pytest
 import torch
+import torch.distributed as dist
 from dist_harness import run_ranks
 
 from shardopt.zero.comm import POISON_ENV, Communicator, flag_from_env
+from shardopt.zero.comm_gloo import GlooCommunicator, communicator_for
 
 PROGRAMS = ["mismatched_exchange_dtype", "mismatched_exchange_counts", "mismatched_all_gather", "ownership",
             "poison"]
@@ -56,6 +59,19 @@ def test_in_flight_buffers_are_owned_until_waited(world_size):
 def test_poisoning_fills_fresh_and_retired_buffers_with_nan(world_size):
     for out in results(world_size):
         assert out["poison"] == {"fresh_nan": True, "retired_nan": True, "kept": True}
+
+
+def test_the_factory_picks_the_communicator_type_from_the_backend():
+    assert type(communicator_for(None)) is Communicator  # no group: one rank, native
+    # An in-process one-rank gloo group, destroyed before any other test runs.
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        comm = communicator_for(dist.group.WORLD, check=True, poison=False)
+        assert type(comm) is GlooCommunicator
+        assert (comm.check, comm.poison, comm.world_size, comm.rank) == (True, False, 1, 0)
+        assert not hasattr(comm, "gloo")  # the backend is the type, not a flag
+    finally:
+        dist.destroy_process_group()
 
 
 def test_exchange_refuses_a_send_buffer_of_another_dtype():

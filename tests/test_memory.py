@@ -18,11 +18,12 @@ import memory_workers as w
 import pytest
 import torch
 from dist_harness import run_ranks
+from plan_infos import param_info
 from torch import nn
 
 from shardopt import ParamInfo, plan_shards, planner
 from shardopt.planner import accounting, activations, presets
-from shardopt.rules import Granularity
+from shardopt.rules import Granularity, MuonRule
 
 # ---------------------------------------------------------------- publications
 
@@ -223,8 +224,8 @@ def test_malformed_config_file_names_file_and_field(tmp_path):
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5, 8, 64])
 def test_used_by_rank_equals_the_plan(world_size):
     shapes = [(7,), (300,), (13, 17), (1,), (64, 64), (5000,), (3, 10, 7)]
-    infos = [ParamInfo(i, f"p{i}", s, "float32", i % 2, Granularity.MATRIX if i % 2 and len(s) > 1
-                       else Granularity.ELEMENTWISE) for i, s in enumerate(shapes * 3)]
+    infos = [param_info(i, f"p{i}", s, "float32", i % 2, Granularity.MATRIX if i % 2 and len(s) > 1
+                        else Granularity.ELEMENTWISE) for i, s in enumerate(shapes * 3)]
     infos = [i if i.granularity is Granularity.MATRIX or i.group == 0 else
              ParamInfo(i.index, i.name, i.shape, i.dtype, 2) for i in infos]
     for bucket_numel in (50, 400, 10_000):
@@ -284,19 +285,45 @@ def test_planner_equals_memory_report_on_every_rank(world_size):
 
 
 def test_muon_workspace_is_the_largest_batch_with_what_the_loop_still_holds():
-    # bf16 Newton-Schulz: one matrix per batch. Per matrix: its fp32 Nesterov update
-    # + 2 X + 2 m^2 in bf16, + the previous batch's bf16 output, still bound to `outputs`.
+    # The terms of MuonRule.workspace_bytes' docstring, spelled out; tests/test_matrix_workspace.py
+    # measures the same numbers. bf16 Newton-Schulz: one matrix per batch. Per matrix: its fp32
+    # Nesterov update + 2 X + 2 m^2 in bf16, + the previous batch's bf16 output (MatrixStep's
+    # `updates`); a 3-D stack also keeps its norms. finish: the fp32 update, the bf16 output and
+    # the fp32 copy torch's CPU add_ makes of it.
+    rule = MuonRule()
     shapes = [(64, 32), (16, 16), (2, 8, 4)]
-    hp = {"nesterov": True, "ns_dtype": "bfloat16"}
+    hp = {**rule.defaults, "nesterov": True, "ns_dtype": "bfloat16"}
 
     def single(rows, cols, count=1):
         return count * (rows * cols * 4 + (2 * rows * cols + 2 * min(rows, cols) ** 2) * 2)
 
-    assert accounting.muon_workspace(shapes, hp, torch.float32) == max(
-        single(64, 32), 64 * 32 * 2 + single(16, 16), 16 * 16 * 2 + single(8, 4, 2))
-    assert accounting.muon_workspace(shapes, {**hp, "nesterov": False}, torch.float32) == 64 * 32 * 2 * 2 + 2 * 32 * 32 * 2
-    # fp32: same shapes form one batch, its torch.cat stack alive through Newton-Schulz.
+    def finish(rows, cols, count=1):
+        return count * rows * cols * (4 + 2 + 4)
+
+    assert rule.workspace_bytes(shapes, hp, torch.float32) == max(
+        single(64, 32), finish(64, 32), 64 * 32 * 2 + single(16, 16), 16 * 16 * 2 + single(8, 4, 2) + 2 * 2)
+    assert rule.workspace_bytes(shapes, {**hp, "nesterov": False}, torch.float32) == 64 * 32 * 2 * 2 + 2 * 32 * 32 * 2
+    # fp32: same shapes form one batch: the directions (held by MatrixStep) and the
+    # torch.cat stack are alive through Newton-Schulz, with the stack's norms.
     x, gram = 64 * 32, 32 * 32
-    assert accounting.muon_workspace([(64, 32)] * 3, {**hp, "ns_dtype": "float32"}, torch.float32) == max(
-        3 * x * 4 * 2, 3 * x * 4 + 3 * (2 * x + 2 * gram) * 4)
-    assert accounting.muon_workspace([], hp, torch.float32) == 0
+    fp32 = {**hp, "ns_dtype": "float32"}
+    assert rule.workspace_bytes([(64, 32)] * 3, fp32, torch.float32) == (
+        3 * x * 4 * 2 + 3 * (2 * x + 2 * gram) * 4 + 3 * 4)
+    # A tall 2-D matrix of at least 60 x 60: the first addmm copies the transposed X
+    # through torch's 60 x 60 block buffer.
+    x, gram = 100 * 70, 70 * 70
+    assert rule.workspace_bytes([(100, 70)], {**fp32, "nesterov": False}, torch.float32) == (
+        (2 * x + 2 * gram) * 4 + 60 * 60 * 4)
+    assert rule.workspace_bytes([], hp, torch.float32) == 0
+
+
+def test_planner_workspace_is_the_rules_largest_over_storages():
+    # The planner asks the rule, per matrix storage of a rank, in MatrixStep's order.
+    named = [(f"layers.{i}.weight", shape, True) for i, shape in enumerate([(64, 32), (16, 16), (3, 8, 16)] * 2)]
+    infos, groups = accounting.param_infos(named, "muon", "float32", {"ns_dtype": "float32"})
+    (rule, hp), = groups
+    plan, ranks = accounting.plan_rank_bytes(infos, groups, accounting.PRECISIONS["fp32"], 1, 1)
+    (storage,) = plan.storages
+    order = [plan.param(piece.param).shape for piece in storage.pieces(0)]
+    assert sorted(order) == sorted(shape for _, shape, _ in named)
+    assert ranks[0].buffers["muon workspace"] == rule.workspace_bytes(order, hp, torch.float32) > 0

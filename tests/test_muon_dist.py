@@ -49,7 +49,8 @@ def _check_run(outs: list[dict], world_size: int, skipped_step: int | None = Non
         steps = w.STEPS - (skipped_step is not None)
         assert out["exchange"] == out["planned_exchange"] // w.STEPS * steps
     # Every matrix (each expert of the stack counted) is orthogonalized exactly once per
-    # step across all ranks; a skipped step orthogonalizes none.
+    # step across all ranks; a skipped step orthogonalizes none. Counted from the rule's
+    # Newton-Schulz profiler ranges (muon_workers.orthogonalized_in_step).
     for step in range(w.STEPS):
         total = sum(out["orthogonalized"][step] for out in outs)
         assert total == (0 if step == skipped_step else w.NUM_MATRICES), (step, total)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import functools
 
 import pytest
+from plan_infos import param_info
 
 from shardopt import Granularity, ParamInfo, plan_shards
 from shardopt.planner import presets
 from shardopt.zero.plan import DEFAULT_BUCKET_NUMEL
+from shardopt.zero.schedule import window_numel
 
 
 @functools.cache
@@ -22,8 +24,8 @@ def llama_infos(name: str) -> tuple[ParamInfo, ...]:
     out = []
     for index, (param, shape) in enumerate(presets.param_shapes(arch)):
         hidden = len(shape) == 2 and "embed" not in param and "lm_head" not in param
-        out.append(ParamInfo(index, param, tuple(shape), "bfloat16", 0 if hidden else 1,
-                             Granularity.MATRIX if hidden else Granularity.ELEMENTWISE))
+        out.append(param_info(index, param, tuple(shape), "bfloat16", 0 if hidden else 1,
+                              Granularity.MATRIX if hidden else Granularity.ELEMENTWISE))
     return tuple(out)
 
 
@@ -98,7 +100,6 @@ def test_the_first_steps_reduction_order_holds_little_more_than_later_steps():
     # before the embedding, whose gradient arrives last); the first step launches in
     # the plan's order, so that order must interleave the groups as backward does.
     from shardopt import planner
-    from shardopt.planner.accounting import reduce_window_numel
 
     arch, _ = presets.resolve("llama2-70b")
     named = [(name, tuple(shape), True) for name, shape in presets.param_shapes(arch)]
@@ -107,8 +108,8 @@ def test_the_first_steps_reduction_order_holds_little_more_than_later_steps():
     index = {info.name: info.index for info in infos}
     arrival = [index[name] for name in presets.backward_order([n for n, _, _ in named])]
     plan = plan_shards(infos, 64)
-    first = reduce_window_numel(plan, arrival, first_step=True)
-    steady = reduce_window_numel(plan, arrival)
+    first = window_numel(plan, arrival, first_step=True)
+    steady = window_numel(plan, arrival)
     total = sum(info.numel for info in infos)
     assert first <= 2 * steady, (first, steady, total)
     assert first < 0.02 * total, (first, steady, total)

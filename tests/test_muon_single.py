@@ -8,10 +8,14 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import shardopt
+from shardopt.rules.muon import NEWTON_SCHULZ_RANGE, count_orthogonalized
 from shardopt.rules.newton_schulz import (
     COEFFICIENT_SETS,
+    matrix_shape,
+    newton_schulz_flops,
     orthogonalize,
     resolve_coefficients,
     singular_value_band,
@@ -191,19 +195,45 @@ def test_same_shape_matrices_do_not_change_each_others_update():
         assert torch.equal(a, b), (a - b).abs().max().item()
 
 
-def test_num_orthogonalized_counts_matrices():
+def _profiled_step(opt):
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.step()
+    return prof.events()
+
+
+def test_newton_schulz_ranges_count_matrices():
     shapes = [(6, 4), (6, 4), (5, 7), (3, 6, 4), (8, 3, 3, 3)]
     params = [torch.zeros(shape, requires_grad=True) for shape in shapes]
-    opt = shardopt.Muon(params, lr=0.02)
-    assert opt.muon_rule.num_orthogonalized == 0
-    for param in params:
-        param.grad = torch.ones(param.shape)
-    opt.step()
-    # 2 + 1 matrices, 3 experts, 1 conv weight.
-    assert opt.muon_rule.num_orthogonalized == 7
-    params[0].grad = None
-    opt.step()
-    assert opt.muon_rule.num_orthogonalized == 7 + 6
+    for ns_dtype in ("bfloat16", "float32"):
+        opt = shardopt.Muon(params, lr=0.02, ns_dtype=ns_dtype)
+        for param in params:
+            param.grad = torch.ones(param.shape)
+        events = _profiled_step(opt)
+        # 2 + 1 matrices, 3 experts, 1 conv weight.
+        assert count_orthogonalized(events) == 7
+        ranges = sorted(e.name.removeprefix(NEWTON_SCHULZ_RANGE + " ") for e in events
+                        if e.name.startswith(NEWTON_SCHULZ_RANGE))
+        # bf16: one parameter per call; fp32: the two 6x4 matrices in one batch.
+        pairs = ["1x6x4", "1x6x4"] if ns_dtype == "bfloat16" else ["2x6x4"]
+        assert ranges == sorted([*pairs, "1x5x7", "3x6x4", "1x8x27"])
+        # Each Newton-Schulz call inside one transform range.
+        assert sum(e.name == "shardopt.matrix_transform" for e in events) == len(ranges)
+        params[0].grad = None
+        assert count_orthogonalized(_profiled_step(opt)) == 6
+
+
+@pytest.mark.parametrize("shape", [(16, 4), (4, 16), (9, 9), (3, 8, 16), (3, 16, 8), (4, 4, 3, 3)], ids=str)
+@pytest.mark.parametrize("ns_steps", [1, 5])
+def test_transform_cost_is_newton_schulz_multiply_adds_per_step(shape, ns_steps):
+    rule = shardopt.rules.MuonRule()
+    # Per matrix and Newton-Schulz step, with m = min, n = max: X X^T (m m n), A A (m^3)
+    # and B X (m m n); a 3-D stack has shape[0] matrices; conv kernels are (out, in*kh*kw).
+    rows, cols = {2: shape, 3: shape[1:]}.get(len(shape), (shape[0], math.prod(shape[1:])))
+    m, n = min(rows, cols), max(rows, cols)
+    count = shape[0] if len(shape) == 3 else 1
+    cost = rule.transform_cost(shape, {**rule.defaults, "ns_steps": ns_steps})
+    assert cost == count * (2 * m * m * n + m**3) * ns_steps
+    assert cost == count * newton_schulz_flops(*matrix_shape(shape), 1) * ns_steps
 
 
 # ---------------------------------------------------------------------------

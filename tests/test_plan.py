@@ -8,13 +8,15 @@ import random
 from itertools import pairwise
 
 import pytest
+from plan_infos import param_info
 
 from shardopt import Granularity, ParamInfo, plan_shards
 from shardopt.zero.plan import PlanError
+from shardopt.zero.schedule import MatrixReduction, reduce_units, unit_params
 
 
 def infos(shapes, granularity=Granularity.ELEMENTWISE, group=0):
-    return [ParamInfo(i, f"p{i}", s, "float32", group, granularity) for i, s in enumerate(shapes)]
+    return [param_info(i, f"p{i}", s, "float32", group, granularity) for i, s in enumerate(shapes)]
 
 
 SHAPES = [(17, 12), (12,), (12,), (36, 12), (12, 12), (31, 12), (31,), (12, 31), (12,), (1,), (17, 12)]
@@ -134,8 +136,8 @@ def test_every_parameter_is_reduced_once_in_backward_order(shard_gradients):
     params = infos(shapes, Granularity.MATRIX) + [
         ParamInfo(23 + i, f"e{i}", s, "float32", 1) for i, s in enumerate(SHAPES)]
     plan = plan_shards(params, 4, bucket_numel=64, shard_gradients=shard_gradients)
-    units = plan.reduce_units
-    reduced = [p for unit in units for p in plan.unit_params(unit)]
+    units = reduce_units(plan)
+    reduced = [p for unit in units for p in unit_params(plan, unit)]
     assert sorted(reduced) == list(range(len(params)))
     # Launch order: by each unit's last-arriving parameter, measured by its place in its
     # own param group (groups are numbered one after the other, backward runs through all).
@@ -143,9 +145,9 @@ def test_every_parameter_is_reduced_once_in_backward_order(shard_gradients):
     for group in {p.group for p in params}:
         members = sorted(p.index for p in params if p.group == group)
         depth.update({index: (place + 1) / len(members) for place, index in enumerate(members)})
-    lasts = [min(depth[p] for p in plan.unit_params(unit)) for unit in units]
+    lasts = [min(depth[p] for p in unit_params(plan, unit)) for unit in units]
     assert lasts == sorted(lasts, reverse=True)
-    matrix_units = [u for u in units if u.param is not None]
+    matrix_units = [u for u in units if isinstance(u, MatrixReduction)]
     # Stage 2 reduces each matrix on its own; stage 1 all-reduces the matrix storage as one bucket.
     assert len(matrix_units) == (23 if shard_gradients else 0)
     (storage,) = [s for s in plan.storages if s.granularity is Granularity.MATRIX]

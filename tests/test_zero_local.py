@@ -185,9 +185,11 @@ def test_named_parameters_label_errors():
 def test_a_heavily_padded_plan_warns():
     import warnings
 
+    from plan_infos import param_info
+
     from shardopt.zero.optimizer import warn_if_padded
 
-    big = [shardopt.ParamInfo(i, f"m{i}", (1024, 1024), "float32", 0, shardopt.Granularity.MATRIX) for i in range(2)]
+    big = [param_info(i, f"m{i}", (1024, 1024), "float32", 0, shardopt.Granularity.MATRIX) for i in range(2)]
     # Two whole 1M-element matrices over 8 ranks: six areas are all padding.
     with pytest.warns(UserWarning, match="matrix_layout='balanced'"):
         warn_if_padded(shardopt.plan_shards(big, 8, matrix_layout="whole"))

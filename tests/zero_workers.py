@@ -10,6 +10,7 @@ import copy
 
 import torch
 import torch.distributed as dist
+from muon_workers import orthogonalized_in_step
 from oracle import RankMeanOracle
 from torch import nn
 
@@ -412,9 +413,7 @@ def muon(rank: int, world: int) -> dict[str, float]:
     for step in range(20):
         tokens = batch(step)
         lm_loss(model, local(tokens, rank, world)).backward()
-        before = opt.inner.muon_rule.num_orthogonalized
-        opt.step()
-        counts.append(opt.inner.muon_rule.num_orthogonalized - before)
+        counts.append(orthogonalized_in_step(opt))
         opt.zero_grad()
         lm_loss(ref, tokens).backward()
         ref_opt.step()

@@ -6,9 +6,10 @@ numbers them and forms the param groups and rules the optimizer would;
 multiplies each rank's share of the plan by the bytes of each
 :class:`~shardopt.StateSpec` the rule declares, plus the transients the
 runtime allocates around them (stage-2 reducer window, ``step()``'s gradient
-cast, ``p.grad`` copies, stage-3 gather window, Muon's ``update``
-temporaries). :mod:`shardopt.memory` adds activations and the report; its
-module docstring describes the stages.
+cast, ``p.grad`` copies, stage-3 gather window, and the workspace a matrix
+rule declares, :meth:`~shardopt.rules.base.MatrixRule.workspace_bytes`).
+:mod:`shardopt.memory` adds activations and the report; its module docstring
+describes the stages.
 """
 
 from __future__ import annotations
@@ -21,16 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..muon_optimizer import Muon, muon_param_groups
+from ..muon_optimizer import Muon
 from ..optimizer_base import RuleOptimizer
 from ..optimizers import SGD, Adagrad, Adam, AdamW, Lion, RMSprop
-from ..rules import AdamWRule, MuonRule
-from ..rules.base import Granularity, StateShape, StateSpec, UpdateRule
-from ..rules.muon import resolve_ns_dtype
-from ..rules.newton_schulz import matrix_shape
+from ..rules.base import Granularity, MatrixRule, StateShape, StateSpec, UpdateRule
 from ..zero.layout import plan_shards
 from ..zero.plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, Storage
-from ..zero.policy import MAX_IN_FLIGHT, PrecisionPolicy
+from ..zero.policy import MAX_IN_FLIGHT, PrecisionPolicy, shards_gradients
+from ..zero.schedule import window_numel
 
 # CLI optimizer names -> (runtime optimizer class, hyperparameters beyond its defaults).
 OPTIMIZERS: dict[str, tuple[type[RuleOptimizer], dict[str, Any]]] = {
@@ -116,22 +115,19 @@ def _groups(
 ) -> list[tuple[list[nn.Parameter], UpdateRule, dict[str, Any]]]:
     """Param groups as the optimizer would form them: (params, rule, hyperparameters).
 
-    Mirrors ``RuleOptimizer.rule_for_group`` (``Muon``: ``use_muon`` groups follow
-    MuonRule, the rest AdamWRule, split by ``muon_param_groups``) without building
-    a ``torch.optim.Optimizer``, whose first construction imports torch._dynamo
-    (seconds). ``tests/test_memory.py`` checks the result against the real
-    optimizer inside ``ZeroOptimizer``.
+    The optimizer class says how it splits parameters and which rule each group
+    follows (``RuleOptimizer.default_groups``; ``Muon``: ``muon_param_groups``,
+    MuonRule and AdamWRule) without building a ``torch.optim.Optimizer``, whose
+    first construction imports torch._dynamo (seconds). ``hyperparameters`` (and
+    the CLI name's own) set the groups the constructor's keywords set; the others
+    keep their rule's defaults. ``tests/test_memory.py`` checks the result against
+    the real optimizer inside ``ZeroOptimizer``.
     """
     cls, hp = choose("optimizer", optimizer, OPTIMIZERS)
-    if cls is Muon:
-        out = []
-        for group in muon_param_groups(named):
-            rule: UpdateRule = MuonRule() if group["use_muon"] else AdamWRule()
-            extra = {**hp, **hyperparameters} if group["use_muon"] else {}
-            out.append((group["params"], rule, {**rule.defaults, **extra}))
-    else:
-        rule = cls.rule
-        out = [([p for _, p in named], rule, {**rule.defaults, **hp, **hyperparameters})]
+    out = []
+    for params, rule, configured in cls.default_groups(named):
+        extra = {**hp, **hyperparameters} if configured else {}
+        out.append((params, rule, {**rule.defaults, **extra}))
     for _, rule, group_hp in out:
         unknown = sorted(set(group_hp) - set(rule.defaults))
         if unknown:
@@ -158,8 +154,10 @@ def param_infos(
     label = {id(p): n for n, p in metas}
     every = [(g, p) for g, (params, _, _) in enumerate(groups) for p in params]
     infos = tuple(
-        ParamInfo(index, label[id(p)], tuple(p.shape), dtype, g, groups[g][1].granularity)
+        ParamInfo(index, label[id(p)], tuple(p.shape), dtype, g, rule.granularity,
+                  rule.transform_cost(tuple(p.shape), hp) if rule.granularity is Granularity.MATRIX else None)
         for index, (g, p) in enumerate(every)
+        for _, rule, hp in [groups[g]]
         if p.requires_grad
     )
     return infos, tuple((rule, hp) for _, rule, hp in groups)
@@ -171,7 +169,9 @@ class _RankShare:
 
     used_numel: dict[int, int]
     num_storages: dict[int, int]
-    matrix_shapes: dict[int, tuple[tuple[int, ...], ...]]  # per group: the matrices it orthogonalizes
+    # Per group, per matrix storage: the shapes of the matrices it transforms, in
+    # MatrixStep's order (those inside its area in area order, then the straddlers it owns).
+    matrix_shapes: dict[int, tuple[tuple[tuple[int, ...], ...], ...]]
     straddler_numel: dict[int, int]  # per group: elements of the straddlers it orthogonalizes
 
 
@@ -203,7 +203,7 @@ def _plan(infos: tuple[ParamInfo, ...], world_size: int, bucket_numel: int, matr
                        matrix_layout=matrix_layout, shard_gradients=shard_gradients)
     groups = {s.group for s in plan.storages}
     used = {g: [0] * world_size for g in groups}
-    shapes: dict[int, list[list[tuple[int, ...]]]] = {g: [[] for _ in range(world_size)] for g in groups}
+    shapes: dict[int, list[list[tuple[tuple[int, ...], ...]]]] = {g: [[] for _ in range(world_size)] for g in groups}
     straddling = {g: [0] * world_size for g in groups}
     num_storages: dict[int, int] = {}
     for storage in plan.storages:
@@ -211,8 +211,14 @@ def _plan(infos: tuple[ParamInfo, ...], world_size: int, bucket_numel: int, matr
         num_storages[g] = num_storages.get(g, 0) + 1
         for rank, numel in enumerate(used_by_rank(storage)):
             used[g][rank] += numel
-        for slot, owner in zip(storage.slots, storage.ns_owners):
-            shapes[g][owner].append(plan.param(slot.param).shape)
+        whole: dict[int, list[tuple[int, ...]]] = {}
+        straddlers: dict[int, list[tuple[int, ...]]] = {}
+        for position, (slot, owner) in enumerate(zip(storage.slots, storage.ns_owners)):
+            if slot.numel:  # MatrixStep transforms no empty matrix
+                ranks = whole if len(storage.members(position)) == 1 else straddlers
+                ranks.setdefault(owner, []).append(plan.param(slot.param).shape)
+        for rank in whole.keys() | straddlers.keys():
+            shapes[g][rank].append(tuple(whole.get(rank, []) + straddlers.get(rank, [])))
     for straddler in plan.straddlers:
         straddling[plan.storages[straddler.storage].group][straddler.owner] += sum(straddler.parts)
     shares = tuple(
@@ -236,94 +242,6 @@ def _state_bytes(specs: Sequence[StateSpec], share: _RankShare, group: int, wide
     return out
 
 
-def muon_workspace(shapes: Sequence[tuple[int, ...]], hp: Mapping[str, Any], wide: torch.dtype) -> int:
-    """Peak transient bytes of Muon's transform over one rank's matrices (read from its code, not measured).
-
-    ``shapes``: the matrices the rank orthogonalizes in one Muon group, in
-    storage order (``MatrixStep`` takes the ones inside its area in area
-    order, then the straddlers it owns; the straddlers' assembled inputs are
-    counted apart, as ``muon exchange``). The rule orthogonalizes them in batches: same-shape groups
-    when ``ns_dtype`` is float32, otherwise one matrix at a time. Per batch of
-    ``n`` parameters holding ``k`` matrices of ``rows x cols`` (``m = min``):
-
-    * the Nesterov update of the batch's matrices, built for that batch only
-      (master dtype; none without ``nesterov``: the momentum buffer is used);
-    * ``n > 1``: the ``torch.cat`` stack (master dtype), alive through
-      Newton-Schulz; the updates die when the cat returns;
-    * Newton-Schulz: at its peak the current and the next X (``rows x cols``
-      each) with the Gram matrix and the polynomial (``m x m`` each), in
-      ``ns_dtype``, per matrix: ``k (2 rows cols + 2 m^2)``; the input cast and
-      the Gram and polynomial of the previous step are alive only at smaller
-      moments;
-    * what the loop still holds of earlier batches: the previous batch's
-      ``outputs``, and the ``stack`` and ``ortho`` of the last multi-matrix
-      batch, until their names are bound again.
-
-    The result is the largest such sum over batches.
-    """
-    if not shapes:
-        return 0
-    ns_dtype = resolve_ns_dtype(hp.get("ns_dtype") or "bfloat16")
-    w, s = itemsize(wide), itemsize(ns_dtype)
-    batch = ns_dtype == torch.float32
-    batches: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
-    for index, shape in enumerate(shapes):
-        batches.setdefault(tuple(shape) if batch else (index, *shape), []).append(shape)
-    peak = last_outputs = stale_stack = stale_ortho = 0
-    for members in batches.values():
-        shape = members[0]
-        rows, cols = matrix_shape(shape)
-        count = len(members) * (shape[0] if len(shape) == 3 else 1)
-        numel = count * rows * cols
-        update = numel * w if hp.get("nesterov") else 0
-        newton_schulz = count * (2 * rows * cols + 2 * min(rows, cols) ** 2) * s
-        if len(members) == 1:
-            peak = max(peak, last_outputs + stale_stack + stale_ortho + update + newton_schulz)
-            last_outputs = numel * s
-        else:
-            held, stack = last_outputs + stale_ortho, numel * w
-            peak = max(peak, held + stale_stack + update + stack, held + stack + newton_schulz)
-            # ``outputs`` are views of ``ortho`` now: count them once, as ``stale_ortho``.
-            stale_stack, stale_ortho, last_outputs = stack, numel * s, 0
-    return peak
-
-def reduce_window_numel(plan: ShardPlan, arrival: Sequence[int], *, first_step: bool = False) -> int:
-    """Peak elements of gradient reduction buffers alive during a stage-2 backward.
-
-    Replays ``hooks.GradientReducer`` on the gradient ``arrival`` order (parameter
-    indices): units launch strictly in one order, in the plan's in the first
-    step (``first_step``) and from the second on in the order they completed
-    in the first; a unit's buffer (a bucket's flat, or a Muon matrix's copy)
-    exists from its first gradient until its reduction is waited for, and
-    launching one more than ``MAX_IN_FLIGHT`` waits for the oldest.
-    """
-    units = plan.reduce_units
-    unit_of = {param: position for position, unit in enumerate(units) for param in plan.unit_params(unit)}
-    pending = [len(plan.unit_params(unit)) for unit in units]
-    order = list(range(len(units)))
-    if not first_step:
-        order = []
-        for index in arrival:
-            pending[unit_of[index]] -= 1
-            if pending[unit_of[index]] == 0:
-                order.append(unit_of[index])
-        pending = [len(plan.unit_params(unit)) for unit in units]
-    alive: dict[int, int] = {}
-    in_flight: list[int] = []
-    launched = peak = 0
-    for index in arrival:
-        position = unit_of[index]
-        alive[position] = plan.unit_numel(units[position])
-        pending[position] -= 1
-        while launched < len(order) and pending[order[launched]] == 0:
-            in_flight.append(order[launched])
-            launched += 1
-            while len(in_flight) > MAX_IN_FLIGHT:
-                alive.pop(in_flight.pop(0))
-        peak = max(peak, sum(alive.values()))
-    return peak
-
-
 def plan_rank_bytes(
     infos: tuple[ParamInfo, ...],
     groups: Sequence[tuple[UpdateRule, Mapping[str, Any]]],
@@ -342,15 +260,16 @@ def plan_rank_bytes(
     """
     choose("zero_stage", zero_stage, STAGES)
     world = 1 if zero_stage == 0 else dp
-    # ZeroOptimizer keeps the whole flat gradient at stage 1 and on one rank.
-    keep_flat = zero_stage <= 1 or world == 1
-    plan, shares = _plan(infos, world, bucket_numel, matrix_layout, not keep_flat)
+    # Kept gradients (stage 1, one rank): the whole flat gradient, as ZeroOptimizer holds it.
+    sharded = shards_gradients(zero_stage, world)
+    keep_flat = not sharded
+    plan, shares = _plan(infos, world, bucket_numel, matrix_layout, sharded)
     p_item, r_item, wide = itemsize(precision.param), itemsize(precision.reduce), precision.wide
     flat = sum(s.flat_numel for s in plan.storages)
     region = sum(s.area_numel for s in plan.storages)
     if arrival is None:
         arrival = sorted((info.index for info in infos), reverse=True)
-    window = 0 if keep_flat else reduce_window_numel(plan, arrival)
+    window = window_numel(plan, arrival) if sharded else 0
     gather = sum(sorted((b.flat_numel for b in plan.buckets), reverse=True)[: MAX_IN_FLIGHT + 1])
     separate_master = wide != getattr(torch, precision.param)
     out = []
@@ -360,23 +279,24 @@ def plan_rank_bytes(
         for g, (rule, hp) in enumerate(groups):
             for name, nbytes in _state_bytes(rule.state_specs(hp), share, g, wide).items():
                 states[name] = states.get(name, 0) + nbytes
-            if rule.granularity is Granularity.MATRIX:
-                workspace = muon_workspace(share.matrix_shapes.get(g, ()), hp, wide)
-                # Groups update one after another: the largest group's peak.
-                buffers["muon workspace"] = max(buffers.get("muon workspace", 0), workspace)
+            if isinstance(rule, MatrixRule):
+                # Storages and groups update one after another: the largest peak.
+                workspace = max((rule.workspace_bytes(seq, hp, wide) for seq in share.matrix_shapes.get(g, ())),
+                                default=0)
+                buffers[f"{rule.name} workspace"] = max(buffers.get(f"{rule.name} workspace", 0), workspace)
                 # MatrixStep: the owned straddlers' assembled directions and results
                 # (the rule's exchange dtype, held between the two all-to-alls), plus
                 # what this rank sends in them.
                 wire = rule.exchange_dtype(hp, wide)
                 exchange = (2 * share.straddler_numel.get(g, 0) + plan.exchange_numel(rank)) * itemsize(wire)
-                buffers["muon exchange"] = max(buffers.get("muon exchange", 0), exchange)
+                buffers[f"{rule.name} exchange"] = max(buffers.get(f"{rule.name} exchange", 0), exchange)
         if getattr(torch, precision.reduce) != wide:
             # ZeroOptimizer._grad_regions casts every used gradient region to the master dtype.
             buffers["step grad cast"] = sum(share.used_numel.values()) * itemsize(wide)
         if keep_flat and precision.reduce != precision.param:
             # _expose_grads sets p.grad = grad.to(param dtype): a second copy of every gradient.
             buffers["p.grad copies"] = plan.used_numel * p_item
-        if not keep_flat:
+        if sharded:
             buffers["grad reduce window"] = window * r_item
         if zero_stage == 3 and world > 1:
             buffers["param gather window"] = gather * p_item

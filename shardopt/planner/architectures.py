@@ -3,7 +3,7 @@
 The planner never multiplies a parameter count by a constant: it lists every
 parameter with its real shape, in the order the model registers it (the order
 ``ZeroOptimizer`` sees), and hands the list to :func:`shardopt.plan_shards`.
-This module turns a ``config.json`` (or a preset, :mod:`shardopt.presets`,
+This module turns a ``config.json`` (or a preset, :mod:`shardopt.planner.presets`,
 which is a minimal ``config.json``) into that list, for one tensor-parallel
 rank of one pipeline stage.
 

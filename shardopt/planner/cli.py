@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..zero.plan import DEFAULT_BUCKET_NUMEL
-from ..zero.policy import MAX_IN_FLIGHT
+from ..zero.policy import MAX_IN_FLIGHT, shards_gradients
 from . import accounting, report
 from .presets import PRESETS
 
@@ -166,14 +166,14 @@ def _size(nbytes: int) -> str:
 def _sources(r: report.MemoryReport) -> dict[str, str]:
     p = r.precision
     p_item, r_item = accounting.itemsize(p.param), accounting.itemsize(p.reduce)
-    keep_flat = r.zero_stage <= 1 or r.plan_world_size == 1
+    sharded = shards_gradients(r.zero_stage, r.plan_world_size)
     where = "this rank's region" if r.zero_stage == 3 else "every bucket, padding included"
-    grads = "whole flat gradient, all-reduced in place" if keep_flat else "this rank's gradient region"
+    grads = "this rank's gradient region" if sharded else "whole flat gradient, all-reduced in place"
     rules = "; ".join(f"{rule}: {', '.join(names) or 'no state'}" for rule, names in r.settings["specs"].items())
     s = r.settings
     acts = (f"Korthikanti et al. 2022 Table 2, recompute={s['recompute']}, s={s['seq_len']} b={s['micro_batch']} "
             f"t={r.tp}{' SP' if s['sequence_parallel'] else ''}; {r.pp - r.pipeline_stage} micro-batch(es) in "
-            "flight (1F1B); shardopt.activations") if r.activations else "not modelled (no architecture)"
+            "flight (1F1B); shardopt.planner.activations") if r.activations else "not modelled (no architecture)"
     return {
         "params": f"{r.rank.params // p_item:,} el x {p_item} B {p.param}: {where} (ZeRO sec. 5)",
         "grads": f"{r.rank.grads // r_item:,} el x {r_item} B {p.reduce}: {grads} (ZeRO sec. 5.2)",
@@ -181,7 +181,8 @@ def _sources(r: report.MemoryReport) -> dict[str, str]:
                           else "aliases the parameter region: 0 B"),
         "optimizer_states": f"state_specs() over this rank's used region: {rules} (ZeRO sec. 5.1)",
         "activations": acts,
-        "buffers": "transients: stage-2 reducer replayed on the backward order (hooks.py), stage-3 gather "
+        "buffers": "transients: stage-2 reduction schedule replayed on the backward order (zero/schedule.py), "
+                   "stage-3 gather "
                    f"of MAX_IN_FLIGHT + 1 = {MAX_IN_FLIGHT + 1} largest buckets, step()'s grad cast, Muon temporaries",
     }
 

@@ -1,9 +1,9 @@
 """Published models for the memory planner, and what one rank of each pipeline stage holds.
 
 A preset is a minimal Hugging Face ``config.json`` (dimensions from the model's
-own) with its published parameter count; :mod:`shardopt.architectures` turns
+own) with its published parameter count; :mod:`shardopt.planner.architectures` turns
 it, or any ``config.json``, into parameter shapes. :func:`model_params`
-resolves whatever :func:`shardopt.memory.estimate` is given (a preset name, a
+resolves whatever :func:`shardopt.planner.estimate` is given (a preset name, a
 ``config.json`` path or dict, a bare parameter count or an ``nn.Module``) into
 the ``(name, shape, requires_grad)`` lists the planner plans.
 

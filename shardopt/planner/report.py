@@ -38,6 +38,7 @@ from torch import nn
 
 from ..muon_optimizer import muon_param_groups
 from ..zero.plan import DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan
+from ..zero.schedule import window_numel
 from . import activations as act
 from . import presets
 from .accounting import (
@@ -49,7 +50,6 @@ from .accounting import (
     itemsize,
     param_infos,
     plan_rank_bytes,
-    reduce_window_numel,
 )
 
 GPUS = presets.GPUS
@@ -145,18 +145,18 @@ def estimate(
 ) -> MemoryReport:
     """Per-GPU memory of training ``model`` with ZeRO ``zero_stage`` over ``dp`` ranks.
 
-    ``model``: a preset name (``shardopt.presets.PRESETS``), a Hugging Face
+    ``model``: a preset name (``shardopt.planner.presets.PRESETS``), a Hugging Face
     ``config.json`` path or dict, a bare parameter count (an int; planned as
     bucket-sized 1-D tensors, no activations), or an ``nn.Module`` (meta device
     is fine: only names, shapes and ``requires_grad`` are read; its ``config``
     attribute, if any, gives activations). ``precision``: ``fp32``, ``bf16``,
     ``mixed`` (bf16 params and grads, fp32 master and states) or a
     :class:`Precision`. ``tp``/``pp``: Megatron-style splits
-    (:mod:`shardopt.presets`); ``dp`` ranks shard each tp/pp rank's parameters.
+    (:mod:`shardopt.planner.presets`); ``dp`` ranks shard each tp/pp rank's parameters.
     ``hyperparameters``: overrides for the rule (``{"amsgrad": True}``; Muon's
     apply to its matrix group). ``grad_arrival``: parameter names in the order
     their gradients complete, for the stage-2 window (default: assumed, see
-    :func:`shardopt.presets.backward_order`). ``matrix_layout``: Muon's
+    :func:`shardopt.planner.presets.backward_order`). ``matrix_layout``: Muon's
     layout, ``"balanced"`` or ``"whole"`` (:class:`~shardopt.ZeroOptimizer`).
 
     Example::
@@ -192,7 +192,7 @@ def estimate(
     _, stage, busiest, ranks, acts, plan, infos, groups, arrival = best
     notes += _plan_notes(plan, dp)
     if zero_stage >= 2 and plan.world_size > 1:
-        first, steady = (reduce_window_numel(plan, arrival, first_step=first_step) for first_step in (True, False))
+        first, steady = (window_numel(plan, arrival, first_step=first_step) for first_step in (True, False))
         item = itemsize(precision.reduce)
         # Worth a note only where it could decide whether the job fits.
         if (first - steady) * item > 0.01 * busiest.total:

@@ -220,6 +220,27 @@ class MatrixRule(UpdateRule):
     def finish(self, param: Tensor, update: Tensor, shape: tuple[int, ...], hp: Mapping[str, Any]) -> None:
         """Apply ``update`` (same slice as ``param``) of a matrix of ``shape`` in place."""
 
+    @abc.abstractmethod
+    def transform_cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> int:
+        """Multiply-adds of :meth:`transform` per step for one parameter of ``shape``.
+
+        The matrix layouts balance it over ranks (``ParamInfo.transform_cost``).
+        Elementwise rules have no transform, hence no such method.
+        """
+
+    @abc.abstractmethod
+    def workspace_bytes(self, shapes: Sequence[tuple[int, ...]], hp: Mapping[str, Any],
+                        master_dtype: torch.dtype) -> int:
+        """Peak bytes that :meth:`direction`, :meth:`transform` and :meth:`finish` allocate
+        beyond the states and the master weights while ``MatrixStep`` (or :meth:`update`)
+        runs the batches of :meth:`batches` over parameters of ``shapes``, in that order.
+
+        ``master_dtype`` is the dtype of the master weights, states and gradients.
+        The memory planner adds it to a rank's bytes; each rule derives it from its
+        own code, next to that code, and a test measures it
+        (``tests/test_matrix_workspace.py``).
+        """
+
     def exchange_dtype(self, hp: Mapping[str, Any], master_dtype: torch.dtype) -> torch.dtype:
         """The dtype in which slices of directions travel to a matrix's owner and slices
         of the transformed update travel back.
@@ -250,6 +271,8 @@ class MatrixRule(UpdateRule):
                 updates = self.transform(directions, hp)
             for i, update in zip(batch, updates):
                 self.finish(params[i], update, tuple(params[i].shape), hp)
+            # As MatrixStep: the directions die with their batch (workspace_bytes counts so).
+            del directions
 
 
 def increment_steps(states: list[dict[str, Tensor]]) -> list[float]:

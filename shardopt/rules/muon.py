@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import DeviceType
+from torch.profiler import record_function
 
 from .base import (
     Granularity,
@@ -40,10 +42,19 @@ from .base import (
     check_nonneg,
     check_unit_interval,
 )
-from .newton_schulz import as_matrices, matrix_shape, orthogonalize, resolve_coefficients
+from .newton_schulz import as_matrices, matrix_shape, newton_schulz_flops, orthogonalize, resolve_coefficients
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# The profiler range around each Newton-Schulz call of MuonRule.transform, named with
+# what it orthogonalizes: "shardopt.newton_schulz 3x16x8" is three 16x8 matrices.
+NEWTON_SCHULZ_RANGE = "shardopt.newton_schulz"
+
+# torch's CPU copy_ of a transposed matrix of at least this many elements into a
+# contiguous one goes through a 60 x 60 block buffer (aten/src/ATen/native/Copy.cpp,
+# copy_same_type_transpose_); see MuonRule.workspace_bytes.
+TRANSPOSE_BLOCK_NUMEL = 60 * 60
 
 
 def resolve_ns_dtype(value: object) -> torch.dtype:
@@ -60,6 +71,30 @@ def lr_scale(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
     return math.sqrt(max(1.0, rows / cols))
 
 
+def newton_schulz_range(count: int, rows: int, cols: int) -> str:
+    """The range name of one Newton-Schulz call over ``count`` matrices of ``rows x cols``."""
+    return f"{NEWTON_SCHULZ_RANGE} {count}x{rows}x{cols}"
+
+
+def count_orthogonalized(events: Iterable[Any]) -> int:
+    """Matrices Newton-Schulz orthogonalized in a ``torch.profiler`` trace.
+
+    ``events``: ``prof.events()`` of a ``torch.profiler.profile`` (CPU activity
+    suffices); read from the names of :data:`NEWTON_SCHULZ_RANGE` ranges, each
+    counted once (a 3-D parameter counts one matrix per slice).
+    """
+    seen = set()
+    for event in events:
+        name = event.name
+        if name.startswith(NEWTON_SCHULZ_RANGE + " ") and event.device_type == DeviceType.CPU:
+            seen.add((event.thread, event.time_range.start, event.time_range.end, name))
+    return sum(int(name.split()[-1].split("x")[0]) for *_, name in seen)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 class MuonRule(MatrixRule):
     name = "muon"
     granularity = Granularity.MATRIX
@@ -74,11 +109,6 @@ class MuonRule(MatrixRule):
         "adjust_lr_fn": None,
         "ns_dtype": "bfloat16",
     }
-
-    def __init__(self) -> None:
-        # Matrices orthogonalized by this rule object since it was made; the
-        # distributed tests count it to prove each matrix is done exactly once.
-        self.num_orthogonalized = 0
 
     def validate(self, hp: Mapping[str, Any]) -> None:
         check_nonneg("lr", hp["lr"])
@@ -139,15 +169,90 @@ class MuonRule(MatrixRule):
         coefficients = resolve_coefficients(hp["ns_coefficients"])
         dtype = resolve_ns_dtype(hp["ns_dtype"])
         shape = tuple(directions[0].shape)
-        if len(directions) == 1:
-            outputs = [orthogonalize(as_matrices(directions[0]), coefficients, hp["ns_steps"],
-                                     eps=hp["eps"], dtype=dtype)]
-        else:
-            stack = torch.cat([as_matrices(d).reshape(-1, *matrix_shape(shape)) for d in directions])
-            ortho = orthogonalize(stack, coefficients, hp["ns_steps"], eps=hp["eps"], dtype=dtype)
-            outputs = list(ortho.split(stack.shape[0] // len(directions)))
-        self.num_orthogonalized += len(directions) * (shape[0] if len(shape) == 3 else 1)
+        count = len(directions) * (shape[0] if len(shape) == 3 else 1)
+        with record_function(newton_schulz_range(count, *matrix_shape(shape))):
+            if len(directions) == 1:
+                outputs = [orthogonalize(as_matrices(directions[0]), coefficients, hp["ns_steps"],
+                                         eps=hp["eps"], dtype=dtype)]
+            else:
+                stack = torch.cat([as_matrices(d).reshape(-1, *matrix_shape(shape)) for d in directions])
+                ortho = orthogonalize(stack, coefficients, hp["ns_steps"], eps=hp["eps"], dtype=dtype)
+                outputs = list(ortho.split(stack.shape[0] // len(directions)))
         return outputs
+
+    def transform_cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> int:
+        """Multiply-adds of Newton-Schulz per optimizer step (``ns_steps`` iterations,
+        :func:`newton_schulz_flops`), summed over the matrices of a 3-D stack."""
+        count = shape[0] if len(shape) == 3 else 1
+        return count * newton_schulz_flops(*matrix_shape(shape), hp["ns_steps"])
+
+    def workspace_bytes(self, shapes: Sequence[tuple[int, ...]], hp: Mapping[str, Any],
+                        master_dtype: torch.dtype) -> int:
+        """Peak transient bytes of :meth:`direction`, :meth:`transform` and :meth:`finish`
+        over parameters of ``shapes`` in ``MatrixStep``'s order (read from this code and
+        ``MatrixStep``'s loop; measured equal on CPU in ``tests/test_matrix_workspace.py``).
+
+        :meth:`batches` makes same-shape groups when ``ns_dtype`` is float32,
+        otherwise one parameter per batch. Per batch of ``n`` parameters holding
+        ``k`` matrices of ``rows x cols`` (``m = min``), with ``w`` and ``s`` the
+        bytes per element of the master dtype and of ``ns_dtype``:
+
+        * :meth:`direction`: the Nesterov update of the batch's matrices,
+          ``k rows cols w``, alive until the batch's last :meth:`finish` (none
+          without ``nesterov``: the momentum buffer itself);
+        * ``n > 1``: the ``torch.cat`` stack, ``k rows cols w``, alive through
+          Newton-Schulz;
+        * Newton-Schulz (:func:`orthogonalize`), at its peak inside the last
+          ``addmm`` of a step: the current and the next X (``rows x cols``), the
+          Gram matrix and the polynomial (``m x m``), ``k (2 rows cols + 2 m^2) s``;
+          a 3-D input (``n > 1`` or a 3-D parameter) also keeps its norms, ``k s``.
+          The first step of a tall 2-D input of at least 60 x 60 elements adds
+          ``3600 s``: ``addmm`` copies the transposed X into its result through
+          torch's 60 x 60 block buffer (:data:`TRANSPOSE_BLOCK_NUMEL`). The input
+          cast to ``ns_dtype`` and the normalisation are alive only at smaller
+          moments;
+        * what ``MatrixStep`` still holds of the previous batch: its outputs,
+          ``k' rows' cols' s``, until the names ``updates`` and ``update`` are bound
+          again (after Newton-Schulz);
+        * :meth:`finish`, one parameter (``p`` elements) at a time, with the
+          batch's directions and outputs (``k rows cols s``) alive: when ``ns_dtype``
+          is not the master dtype, torch's CPU kernels first bring the operands of
+          ``param.add_(update)`` to the promoted dtype (``c`` bytes per element):
+          a copy of the update unless that dtype is ``ns_dtype``, a copy of the
+          parameter and a result buffer unless it is the master dtype (``p c``
+          each). CUDA kernels cast on the fly: there this term is an upper bound.
+
+        The result is the largest such sum over batches. Left out: 0-d
+        temporaries (a 2-D input's norm, the Python floats torch wraps as 0-d
+        tensors; a few tens of bytes), freed before Newton-Schulz's loop, which
+        allocates more unless a matrix has a single element. Straddlers a rank
+        owns come as assembled inputs, not from :meth:`direction`, and their
+        results are held to the end of the step (the planner's ``muon
+        exchange``): counted as whole matrices, the number is an upper bound.
+        """
+        ns_dtype = resolve_ns_dtype(hp["ns_dtype"])
+        promoted = torch.promote_types(ns_dtype, master_dtype)
+        w, s, c = _itemsize(master_dtype), _itemsize(ns_dtype), _itemsize(promoted)
+        peak = held = 0
+        for batch in self.batches(shapes, hp):
+            shape = tuple(shapes[batch[0]])
+            rows, cols = matrix_shape(shape)
+            per_param = shape[0] if len(shape) == 3 else 1
+            count = len(batch) * per_param
+            numel = count * rows * cols
+            directions = numel * w if hp["nesterov"] else 0
+            stacked = len(batch) > 1 or len(shape) == 3
+            stack = numel * w if len(batch) > 1 else 0
+            newton_schulz = count * (2 * rows * cols + 2 * min(rows, cols) ** 2) * s
+            if stacked:
+                newton_schulz += count * s
+            elif rows > cols and rows * cols >= TRANSPOSE_BLOCK_NUMEL:
+                newton_schulz += TRANSPOSE_BLOCK_NUMEL * s
+            p = per_param * rows * cols
+            finish = (p * c if promoted != ns_dtype else 0) + (2 * p * c if promoted != master_dtype else 0)
+            peak = max(peak, held + directions + stack + newton_schulz, directions + numel * s + finish)
+            held = numel * s
+        return peak
 
     def exchange_dtype(self, hp: Mapping[str, Any], master_dtype: torch.dtype) -> torch.dtype:
         # Newton-Schulz first casts its input to ns_dtype (orthogonalize) and returns

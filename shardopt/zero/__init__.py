@@ -5,7 +5,9 @@ reads these too): :mod:`.plan` (storages, buckets, validation, reports),
 :mod:`.layout` (where :func:`plan_shards` puts every parameter),
 :mod:`.policy` (precision and the reduction window).
 
-Runtime: :mod:`.comm` (the only module that calls torch.distributed),
+Runtime: :mod:`.comm` and :mod:`.comm_gloo` (the only code that calls
+torch.distributed collectives; the communicator's type is chosen from the
+backend),
 :mod:`.buffers` (the tensors a rank holds for a plan), :mod:`.reducer`
 (backward hooks and gradient reduction), :mod:`.matrix_step` (a matrix
 rule's step with straddler exchange), :mod:`.optimizer` (:class:`ZeroOptimizer`)

@@ -1,4 +1,4 @@
-"""The tensors one rank holds for a :class:`~shardopt.plan.ShardPlan`.
+"""The tensors one rank holds for a :class:`~shardopt.zero.plan.ShardPlan`.
 
 Per storage (:class:`StorageBuffers`):
 
@@ -8,21 +8,23 @@ Per storage (:class:`StorageBuffers`):
   ``param_flat`` (no second copy); for bf16/fp16 models a separate fp32 tensor.
 * ``grad_area``: this rank's averaged gradient area (stage 2); at stage 1 (and
   on one rank) a view of ``grad_flat``, the full averaged gradient, which
-  ``p.grad`` views.
+  ``p.grad`` views. Which of the two is the gradient-sharding strategy
+  (:class:`KeptGradients` or :class:`ShardedGradients`), chosen once per
+  optimizer by :func:`gradient_sharding`.
 * ``states``: the rule's declared state for the area, allocated on the first
   step (lazily, like torch.optim), over the area's used elements only.
 
 Per bucket (:class:`BucketBuffers`): ``grad_flat``, the bucket's local
 gradients, the reduce-scatter's (or all-reduce's) input. At stage 2 it lives
 from the bucket's first gradient until its reduce-scatter is done. (Matrix
-storages at stage 2 reduce per matrix instead: :mod:`shardopt.hooks`.)
+storages at stage 2 reduce per matrix instead: :mod:`shardopt.zero.schedule`.)
 
 Ownership invariant: every buffer here that an asynchronous collective reads
 or writes (``grad_flat``, the regions of ``grad_area`` a reduction fills, a
 matrix's gradient, the ``param_flat`` chunks an all-gather fills) belongs to
 exactly one in-flight operation from its launch until its ``wait()``; nothing
 else reads or writes it meanwhile, and it is dropped (or reused) only after
-the wait. :class:`~shardopt.comm.Communicator` enforces this: a collective
+the wait. :class:`~shardopt.zero.comm.Communicator` enforces this: a collective
 touching bytes that an in-flight one owns raises ``BufferOwnershipError``.
 With ``SHARDOPT_POISON_BUFFERS=1`` (on in the tests) fresh buffers start as
 NaN and released ones are overwritten with NaN, so an element that no
@@ -34,13 +36,15 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..rules.base import StateSpec, allocate_state
-from .comm import new_buffer
+from .comm import Communicator, new_buffer
 from .plan import Bucket, Storage
+from .policy import MAX_IN_FLIGHT, shards_gradients
 
 
 @dataclass
@@ -50,7 +54,7 @@ class StorageBuffers:
     param_flat: Tensor
     master: Tensor
     reduce_dtype: torch.dtype
-    keep_grad_flat: bool
+    sharding: KeptGradients | ShardedGradients
     poison: bool = False
     grad_flat: Tensor | None = None
     grad_area: Tensor | None = None
@@ -74,7 +78,7 @@ class StorageBuffers:
         )
 
     def ensure_grad_flat(self) -> Tensor:
-        """The storage-sized gradient buffer kept at stage 1 (one bucket per storage)."""
+        """The storage-sized gradient buffer of kept gradients (one bucket per storage)."""
         if self.grad_flat is None:
             # Uninitialised: every slot is written by a gradient (or zeros when it
             # has none), and the reducer zeroes the padding before the collective.
@@ -83,12 +87,9 @@ class StorageBuffers:
         return self.grad_flat
 
     def ensure_grad_area(self) -> Tensor:
-        if self.keep_grad_flat:
-            start, end = self.area
-            self.grad_area = self.ensure_grad_flat()[start:end]
-        elif self.grad_area is None:
-            self.grad_area = new_buffer(self.storage.area_numel, self.reduce_dtype, self.param_flat.device,
-                                        poison=self.poison)
+        """This rank's averaged gradient area."""
+        if self.grad_area is None:
+            self.grad_area = self.sharding.grad_area(self)
         return self.grad_area
 
     def allocate_states(self, specs: tuple[StateSpec, ...]) -> None:
@@ -104,13 +105,8 @@ class BucketBuffers:
     grad_flat: Tensor | None = None
 
     def ensure_grad_flat(self) -> Tensor:
-        if self.owner.keep_grad_flat:
-            # Kept gradients need p.grad views: such storages are one bucket.
-            return self.owner.ensure_grad_flat()
-        if self.grad_flat is None:
-            self.grad_flat = new_buffer(self.bucket.flat_numel, self.owner.reduce_dtype,
-                                        self.owner.param_flat.device, poison=self.owner.poison)
-        return self.grad_flat
+        """The bucket's local gradients, the input of its reduction."""
+        return self.owner.sharding.bucket_grads(self)
 
     def grad_region(self) -> Tensor:
         """This rank's averaged gradient for the bucket: its chunk of the gradient area."""
@@ -131,6 +127,77 @@ class BucketBuffers:
             self.owner.param_flat[rank * area + offset : rank * area + offset + size]
             for rank in range(self.bucket.world_size)
         ]
+
+
+class KeptGradients:
+    """Stage 1 and one rank: every storage keeps its full averaged gradient.
+
+    The storage's flat gradient buffer is all-reduced in place (matrix storages
+    are then one bucket) and ``p.grad`` views it; this rank's gradient area is a
+    view of it. Buffers live on, so no window bounds the reductions in flight.
+    """
+
+    shards = False
+    window: int | None = None
+
+    def bucket_grads(self, bucket: BucketBuffers) -> Tensor:
+        return bucket.owner.ensure_grad_flat()
+
+    def grad_area(self, storage: StorageBuffers) -> Tensor:
+        start, end = storage.area
+        return storage.ensure_grad_flat()[start:end]
+
+    def reduce(self, comm: Communicator, bucket: BucketBuffers, flat: Tensor) -> Any:
+        return comm.all_reduce_avg(flat, async_op=True)
+
+    def reduced(self, bucket: BucketBuffers) -> None:
+        """The bucket's reduction was waited for: its buffer is the kept gradient."""
+
+    def expose(self, storage: StorageBuffers, params: dict[int, Tensor]) -> None:
+        """``p.grad`` <- a view of the averaged gradient (a copy where the dtypes differ)."""
+        flat = storage.ensure_grad_flat()
+        for slot in storage.storage.slots:
+            param = params[slot.param]
+            grad = flat[slot.offset : slot.offset + slot.numel].view(param.shape)
+            param.grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)
+
+
+class ShardedGradients:
+    """Stage 2 on several ranks: each rank keeps its area of the averaged gradient only.
+
+    A bucket's local gradients live in a buffer of their own from the bucket's
+    first gradient until its reduce-scatter is waited for; at most
+    ``MAX_IN_FLIGHT`` reductions are in flight (:mod:`shardopt.zero.schedule`).
+    ``p.grad`` stays ``None``.
+    """
+
+    shards = True
+    window: int | None = MAX_IN_FLIGHT
+
+    def bucket_grads(self, bucket: BucketBuffers) -> Tensor:
+        if bucket.grad_flat is None:
+            owner = bucket.owner
+            bucket.grad_flat = new_buffer(bucket.bucket.flat_numel, owner.reduce_dtype, owner.param_flat.device,
+                                          poison=owner.poison)
+        return bucket.grad_flat
+
+    def grad_area(self, storage: StorageBuffers) -> Tensor:
+        return new_buffer(storage.storage.area_numel, storage.reduce_dtype, storage.param_flat.device,
+                          poison=storage.poison)
+
+    def reduce(self, comm: Communicator, bucket: BucketBuffers, flat: Tensor) -> Any:
+        return comm.reduce_scatter_avg(bucket.grad_region(), flat, async_op=True)
+
+    def reduced(self, bucket: BucketBuffers) -> None:
+        bucket.release_grad_flat()
+
+    def expose(self, storage: StorageBuffers, params: dict[int, Tensor]) -> None:
+        """Sharded gradients have no full ``p.grad`` to show."""
+
+
+def gradient_sharding(stage: int, world_size: int) -> KeptGradients | ShardedGradients:
+    """The strategy for ``stage`` on ``world_size`` ranks (:func:`~shardopt.zero.policy.shards_gradients`)."""
+    return ShardedGradients() if shards_gradients(stage, world_size) else KeptGradients()
 
 
 def storage_bytes(tensors: list[Tensor | None]) -> int:

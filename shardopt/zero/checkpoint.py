@@ -11,19 +11,41 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..rules.base import StateShape
+from ..rules.base import StateShape, StateSpec
+from .buffers import StorageBuffers
+from .comm import Communicator
+from .plan import ShardPlan
 
-if TYPE_CHECKING:
-    from .optimizer import ZeroOptimizer
-
-SHARDED_FORMAT = "shardopt-sharded-v2"  # v2: states per storage area
+SHARDED_FORMAT = "shardopt-sharded-v3"  # v2: states per storage area; v3: plan fingerprints of 0.2
 
 
-def _param_groups(opt: ZeroOptimizer) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class ShardedState:
+    """What a checkpoint reads and writes of a sharded optimizer, and nothing more.
+
+    ``plan`` says where every parameter lives, ``storages`` are this rank's
+    buffers (states per storage area), ``param_groups`` the hyperparameters
+    (updated in place on load), ``specs(group)`` the rule's state declarations
+    for a param group, and ``comm`` gathers what rank 0 assembles.
+    """
+
+    plan: ShardPlan
+    storages: list[StorageBuffers]
+    param_groups: list[dict[str, Any]]
+    specs: Callable[[int], tuple[StateSpec, ...]]
+    comm: Communicator
+
+    def ensure_states(self, buffers: StorageBuffers) -> None:
+        buffers.allocate_states(self.specs(buffers.storage.group))
+
+
+def _param_groups(opt: ShardedState) -> list[dict[str, Any]]:
     groups, start = [], 0
     for group in opt.param_groups:
         saved = {key: value for key, value in group.items() if key != "params"}
@@ -33,7 +55,8 @@ def _param_groups(opt: ZeroOptimizer) -> list[dict[str, Any]]:
     return groups
 
 
-def sharded_state_dict(opt: ZeroOptimizer) -> dict[str, Any]:
+def sharded_state_dict(opt: ShardedState, extra: dict[str, Any]) -> dict[str, Any]:
+    """This rank's states as they are; ``extra`` (the optimizer's own counters) joins the metadata."""
     state = {buffers.storage.index: {"area": dict(buffers.states)} for buffers in opt.storages if buffers.states}
     return {
         "state": state,
@@ -43,13 +66,12 @@ def sharded_state_dict(opt: ZeroOptimizer) -> dict[str, Any]:
             "world_size": opt.comm.world_size,
             "rank": opt.comm.rank,
             "plan": opt.plan.fingerprint(),
-            "stage": opt.stage,
-            "num_skipped_steps": opt.num_skipped_steps,
+            **extra,
         },
     }
 
 
-def full_state_dict(opt: ZeroOptimizer, *, all_ranks: bool = False) -> dict[str, Any] | None:
+def full_state_dict(opt: ShardedState, *, all_ranks: bool = False) -> dict[str, Any] | None:
     keep = all_ranks or opt.comm.rank == 0
     state: dict[int, dict[str, torch.Tensor]] = {}
     for buffers in opt.storages:
@@ -80,7 +102,7 @@ def full_state_dict(opt: ZeroOptimizer, *, all_ranks: bool = False) -> dict[str,
     return {"state": ordered, "param_groups": _param_groups(opt)}
 
 
-def _local_scalars(opt: ZeroOptimizer, buffers: Any) -> dict[int, dict[str, float]]:
+def _local_scalars(opt: ShardedState, buffers: StorageBuffers) -> dict[int, dict[str, float]]:
     """Scalar states (``step``): one per storage, identical on every rank; rank 0 reports them."""
     if opt.comm.rank != 0:
         return {}
@@ -88,13 +110,13 @@ def _local_scalars(opt: ZeroOptimizer, buffers: Any) -> dict[int, dict[str, floa
     return {slot.param: dict(scalars) for slot in buffers.storage.slots} if scalars else {}
 
 
-def _ordered(opt: ZeroOptimizer, index: int, entry: dict[str, torch.Tensor]) -> dict[str, Any]:
-    group = opt.param_groups[opt.plan.param(index).group]
-    order = [spec.name for spec in opt.inner.rule_for_group(group).state_specs(group)]
+def _ordered(opt: ShardedState, index: int, entry: dict[str, torch.Tensor]) -> dict[str, Any]:
+    order = [spec.name for spec in opt.specs(opt.plan.param(index).group)]
     return {name: entry[name] for name in order if name in entry}
 
 
-def load_state_dict(opt: ZeroOptimizer, state_dict: dict[str, Any]) -> None:
+def load_state_dict(opt: ShardedState, state_dict: dict[str, Any]) -> dict[str, Any] | None:
+    """Load a sharded or full state dict; returns a sharded one's metadata (``None`` for full)."""
     if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
         raise ValueError("Invalid state_dict: expected a dict with 'state' and 'param_groups'")
     saved_groups = state_dict["param_groups"]
@@ -116,12 +138,12 @@ def load_state_dict(opt: ZeroOptimizer, state_dict: dict[str, Any]) -> None:
                 group[key] = value
     if shard is not None:
         _load_sharded(opt, state_dict["state"])
-        opt.num_skipped_steps = shard.get("num_skipped_steps", 0)
     else:
         _load_full(opt, {int(k): v for k, v in state_dict["state"].items()})
+    return shard
 
 
-def _check_shard(opt: ZeroOptimizer, shard: dict[str, Any]) -> None:
+def _check_shard(opt: ShardedState, shard: dict[str, Any]) -> None:
     expected = {"format": SHARDED_FORMAT, "world_size": opt.comm.world_size,
                 "rank": opt.comm.rank, "plan": opt.plan.fingerprint()}
     for key, value in expected.items():
@@ -132,7 +154,7 @@ def _check_shard(opt: ZeroOptimizer, shard: dict[str, Any]) -> None:
             )
 
 
-def _load_sharded(opt: ZeroOptimizer, state: dict[Any, Any]) -> None:
+def _load_sharded(opt: ShardedState, state: dict[Any, Any]) -> None:
     for buffers in opt.storages:
         saved = state.get(buffers.storage.index)
         if saved is None:
@@ -142,13 +164,12 @@ def _load_sharded(opt: ZeroOptimizer, state: dict[Any, Any]) -> None:
             buffers.states[name].copy_(tensor)
 
 
-def _load_full(opt: ZeroOptimizer, state: dict[int, dict[str, Any]]) -> None:
-    if not any(index in state for index in opt.params):
+def _load_full(opt: ShardedState, state: dict[int, dict[str, Any]]) -> None:
+    if not any(info.index in state for info in opt.plan.params):
         return
     for buffers in opt.storages:
         storage = buffers.storage
-        group = opt.param_groups[storage.group]
-        specs = opt.inner.rule_for_group(group).state_specs(group)
+        specs = opt.specs(storage.group)
         opt.ensure_states(buffers)
         pieces = storage.pieces(opt.comm.rank)
         for spec in specs:
@@ -159,7 +180,7 @@ def _load_full(opt: ZeroOptimizer, state: dict[int, dict[str, Any]]) -> None:
             area = buffers.states[spec.name]
             for piece in pieces:
                 source = state.get(piece.param, {}).get(spec.name)
-                target = area[piece.region_offset : piece.region_offset + piece.numel]
+                target = area[piece.offset : piece.offset + piece.numel]
                 if source is None:
                     target.fill_(spec.init)
                 else:
@@ -167,7 +188,7 @@ def _load_full(opt: ZeroOptimizer, state: dict[int, dict[str, Any]]) -> None:
                     target.copy_(flat[piece.param_offset : piece.param_offset + piece.numel])
 
 
-def _scalar(entry: dict[str, Any], spec: Any) -> float:
+def _scalar(entry: dict[str, Any], spec: StateSpec) -> float:
     if spec.name in entry:
         return float(entry[spec.name])
     # torch.optim.SGD keeps no "step"; filled buffers mean the next step is not the first.

@@ -1,9 +1,23 @@
-"""The only module that calls torch.distributed collectives.
+"""The module that calls torch.distributed collectives (with its gloo subclass, ``comm_gloo.py``).
 
 Every collective the engine issues goes through :class:`Communicator`, which
 also counts the bytes each rank sends (habit 6 of the design, after FSDP2's
 ``AllGather``/``ReduceScatter`` interfaces): a rename in torch lands here, and
 ``ZeroOptimizer.comm_stats()`` sees every call.
+
+**Backends.** :class:`Communicator` issues the native collectives: NCCL, and
+any backend with a native reduce-scatter, reduce and flat all-gather. The
+backend difference is a type, not a flag:
+:class:`~shardopt.zero.comm_gloo.GlooCommunicator` overrides
+:meth:`~Communicator.reduce_scatter_avg`, :meth:`~Communicator.reduce_avg` and
+:meth:`~Communicator.all_gather_chunks` because gloo lacks a native
+reduce-scatter (torch's gloo ``reduce_scatter_tensor`` moves all-reduce
+volume, measured 1.50x the ideal at two ranks) and its reduce moves more than
+the ideal (2.25x at two ranks, 1.42x at four, ``benchmarks/bench_gloo_reduce.py``);
+it does both as all-to-alls plus a local sum (1.00x). Build a communicator
+with :func:`~shardopt.zero.comm_gloo.communicator_for`, which picks the type
+once from the group's backend; constructing :class:`Communicator` directly
+means the native collectives.
 
 Byte accounting is per rank, for bandwidth-optimal (ring) algorithms, the
 standard cost model (Thakur, Rabenseifner & Gropp 2005; the NCCL "bus
@@ -115,54 +129,21 @@ class _Done:
         return True
 
 
-class _MeanOnWait:
-    """Completes a reduction done by an all-to-all: the mean of every rank's copy.
+class Communicator:
+    """Collectives over one process group (``None``: no group, one rank), native implementation.
 
-    ``received`` holds copies one after the other in rank order: every rank's
-    (``own_rank=None``), or every rank's but ``own_rank``'s, whose copy is already
-    in ``output``. The copies are summed in rank order, ``((c_0 + c_1) + c_2) ...``,
-    then divided by the number of ranks: one fixed arithmetic whichever path
-    (bucket reduce-scatter or per-matrix reduce) and whichever rank reduced, so a
-    run is reproducible bit for bit and equals an unsharded optimizer given the
-    same rank-ordered mean (the tests' oracle).
+    On gloo use :class:`~shardopt.zero.comm_gloo.GlooCommunicator`
+    (:func:`~shardopt.zero.comm_gloo.communicator_for` picks it).
     """
 
-    def __init__(self, work: Any, received: Tensor, output: Tensor | None, world_size: int,
-                 *, own_rank: int | None) -> None:
-        self.work, self.received, self.output, self.world_size = work, received, output, world_size
-        self.own_rank = own_rank
-
-    def wait(self) -> bool:
-        if self.work is not None:
-            self.work.wait()
-            output = self.output
-            if output is not None and output.numel():
-                copies = list(self.received.view(-1, output.numel()))
-                if self.own_rank is None:
-                    output.copy_(copies[0])
-                    later = copies[1:]
-                else:
-                    before, later = copies[: self.own_rank], copies[self.own_rank :]
-                    if before:
-                        for copy in before[1:]:
-                            before[0].add_(copy)  # scratch: the received buffer
-                        output.add_(before[0])  # a + b == b + a in IEEE arithmetic
-                for copy in later:
-                    output.add_(copy)
-                output.div_(self.world_size)
-            self.work = self.received = None
-        return True
-
-
-class Communicator:
-    """Collectives over one process group (``None``: no group, one rank)."""
-
     def __init__(self, group: Any | None, *, check: bool | None = None, poison: bool | None = None) -> None:
+        if group is not None and type(self) is Communicator and dist.get_backend(group) == "gloo":
+            raise TypeError("Communicator: a gloo group needs GlooCommunicator (gloo lacks the native "
+                            "collectives); build one with shardopt.zero.comm_gloo.communicator_for(group)")
         self.group = group
         distributed = group is not None
         self.world_size = dist.get_world_size(group) if distributed else 1
         self.rank = dist.get_rank(group) if distributed else 0
-        self.gloo = distributed and dist.get_backend(group) == "gloo"
         self.check = flag_from_env(CHECK_ENV) if check is None else check
         self.poison = flag_from_env(POISON_ENV) if poison is None else poison
         self.bytes_sent: Counter[str] = Counter()
@@ -281,19 +262,6 @@ class Communicator:
             output.copy_(flat)
             return _Done()
         self._count("reduce_scatter", self._share(flat.numel() * flat.element_size()))
-        if self.gloo:
-            # gloo has no native reduce-scatter: torch's gloo reduce_scatter_tensor
-            # moves all-reduce volume (measured 1.50x the ideal on the wire at two
-            # ranks). An all-to-all sends each region straight to its owner
-            # ((N-1)/N of the buffer, the ideal) and the owner sums locally.
-            self._agree("all_to_all", flat.dtype, flat.numel())
-            received = self.empty(flat.numel(), flat.dtype, flat.device)
-            claim = self._claim("reduce-scatter", [output, flat])
-            work = dist.all_to_all_single(received, flat, group=self.group, async_op=True)
-            done = _MeanOnWait(self._own(work, claim), received, output, self.world_size, own_rank=None)
-            if not async_op:
-                done.wait()
-            return done
         self._agree("reduce_scatter", flat.dtype, flat.numel())
         claim = self._claim("reduce-scatter", [output, flat])
         work = _reduce_scatter_flat(output, flat, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
@@ -309,24 +277,6 @@ class Communicator:
         if not self.active:
             return _Done()
         self._count("reduce", self._share(tensor.numel() * tensor.element_size()))
-        if self.gloo:
-            # gloo's reduce moves more than the ideal (N-1) B in all (loopback bytes of a
-            # 16 MiB reduce, benchmarks/bench_gloo_reduce.py: 2.25x at two ranks, 1.42x
-            # at four): the other ranks send their copies straight to dst (one
-            # all-to-all with only those parts non-empty; measured 1.00x), which sums them.
-            numel, mine = tensor.numel(), dst == self.rank
-            send = [numel if r == dst and not mine else 0 for r in range(self.world_size)]
-            receive = [numel if mine and r != dst else 0 for r in range(self.world_size)]
-            self._agree("all_to_all", tensor.dtype, numel, send, receive)
-            received = self.empty(sum(receive), tensor.dtype, tensor.device)
-            claim = self._claim("reduce", [tensor])
-            work = dist.all_to_all_single(received, tensor if not mine else tensor.new_empty(0), receive, send,
-                                          group=self.group, async_op=True)
-            done = _MeanOnWait(self._own(work, claim), received, tensor if mine else None, self.world_size,
-                               own_rank=dst)
-            if not async_op:
-                done.wait()
-            return done
         self._agree("reduce", tensor.dtype, tensor.numel())
         claim = self._claim("reduce", [tensor])
         work = dist.reduce(tensor, self.global_rank(dst), op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
@@ -350,10 +300,7 @@ class Communicator:
             return _Done()
         self._count("all_gather", self._share(sum(t.numel() for t in outputs) * local.element_size()))
         self._agree("all_gather", local.dtype, local.numel() * len(outputs))
-        claim = self._claim("all-gather", outputs)
-        if self.gloo:
-            work = dist.all_gather(outputs, local, group=self.group, async_op=async_op)
-            return self._own(work, claim) if async_op else work
+        self._claim("all-gather", outputs)
         # NCCL gathers list outputs through one flat buffer anyway; do it here so the
         # bytes are sent once, then copy into the (non-adjacent) chunks.
         flat = torch.empty(len(outputs) * local.numel(), dtype=local.dtype, device=local.device)

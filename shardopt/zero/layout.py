@@ -1,5 +1,5 @@
 """Placement: where :func:`plan_shards` puts every parameter (the algorithms behind a
-:class:`~shardopt.plan.ShardPlan`, which is pure data).
+:class:`~shardopt.zero.plan.ShardPlan`, which is pure data).
 
 Elementwise rules (SGD ... AdamW): parameters are packed in backward order (the
 reverse of registration order) into storages of about ``bucket_numel``
@@ -18,13 +18,13 @@ matrices form one storage (``docs/design/muon-at-scale.md``):
   1`` boundaries, small ones by construction) keep their momentum where each
   part lives, and one member, chosen to balance Newton-Schulz cost,
   orthogonalizes the whole matrix after an exchange of the parts
-  (:mod:`shardopt.matrix_step`).
+  (:mod:`shardopt.zero.matrix_step`).
 * ``matrix_layout="whole"``: every matrix inside one area (owners by
   longest-processing-time on Newton-Schulz cost); no exchange, but areas are
   as large as the busiest rank's matrices, and the rest is padding.
 
 Gradients of a matrix storage at stage 2 are reduced matrix by matrix, each
-part to the rank whose area holds it (:attr:`ShardPlan.reduce_units`), as
+part to the rank whose area holds it (:func:`shardopt.zero.schedule.reduce_units`), as
 each matrix's gradient arrives: a bucket spanning every rank's area would wait
 for gradients from all over the model (an area holds matrices of many
 layers), and hold them meanwhile. The volume is the reduce-scatter's. The
@@ -45,9 +45,8 @@ from .plan import (
     Bucket,
     ParamInfo,
     ShardPlan,
-    Slot,
+    Span,
     Storage,
-    _ns_cost,
 )
 
 MATRIX_LAYOUTS = ("balanced", "whole")
@@ -55,6 +54,10 @@ MATRIX_LAYOUTS = ("balanced", "whole")
 # many elements (when bucket_numel is): at hundreds of ranks bucket_numel /
 # world_size would otherwise cut matrices into thousands of tiny collectives.
 MIN_CHUNK_NUMEL = 1 << 16
+
+
+def _cost(info: ParamInfo) -> int:
+    return info.transform_cost or 0
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -66,7 +69,7 @@ def _elementwise_storage(
 ) -> Storage:
     slots, offset = [], 0
     for info in members:
-        slots.append(Slot(info.index, offset, info.numel))
+        slots.append(Span(info.index, offset, info.numel))
         offset += info.numel
     area = _round_up(-(-offset // world_size), align_numel)
     return Storage(index, group, Granularity.ELEMENTWISE, dtype, tuple(slots), area, world_size)
@@ -94,11 +97,11 @@ def _balanced_matrix_storage(
     # small matrices kept at the lists' ends between neighbours.
     lists: list[list[ParamInfo]] = [[] for _ in range(world_size)]
     fill, load = [0] * world_size, [0] * world_size
-    for info in sorted(members, key=lambda i: (-_ns_cost(i), -i.numel, i.index)):
+    for info in sorted(members, key=lambda i: (-_cost(i), -i.numel, i.index)):
         rank = min(range(world_size), key=lambda r: (load[r], fill[r], r))
         lists[rank].append(info)
         fill[rank] += info.numel
-        load[rank] += _ns_cost(info)
+        load[rank] += _cost(info)
     total = sum(fill)
     target = total / world_size
     # Order the lists so the running surplus stays near zero: the areas cut from
@@ -113,10 +116,10 @@ def _balanced_matrix_storage(
     sequence = _cheap_boundaries([info for rank in order for info in _small_ends(lists[rank])], area, world_size)
     slots, offset = [], 0
     for info in sequence:
-        slots.append(Slot(info.index, offset, info.numel))
+        slots.append(Span(info.index, offset, info.numel))
         offset += info.numel
     storage = Storage(index, group, Granularity.MATRIX, dtype, tuple(slots), area, world_size, num_chunks)
-    owners = _straddler_owners(storage, {info.index: _ns_cost(info) for info in members})
+    owners = _straddler_owners(storage, {info.index: _cost(info) for info in members})
     return Storage(index, group, Granularity.MATRIX, dtype, tuple(slots), area, world_size, num_chunks,
                    tuple(owners), reduce_per_matrix=chunked)
 
@@ -167,13 +170,13 @@ def _small_ends(members: list[ParamInfo]) -> list[ParamInfo]:
     Area boundaries fall near the ends of the dealt lists, and what crosses one
     moves between ranks: small matrices there keep straddlers and drift cheap.
     """
-    ordered = sorted(members, key=lambda info: (info.numel, _ns_cost(info), info.index))
+    ordered = sorted(members, key=lambda info: (info.numel, _cost(info), info.index))
     return ordered[0::2] + ordered[1::2][::-1]
 
 
 def _moved_cost(info: ParamInfo, before_cut: int) -> float:
     """Newton-Schulz cost of ``info`` outside its larger part when cut ``before_cut`` elements in."""
-    return _ns_cost(info) * min(before_cut, info.numel - before_cut) / info.numel
+    return _cost(info) * min(before_cut, info.numel - before_cut) / info.numel
 
 
 def _straddler_owners(storage: Storage, cost: dict[int, int]) -> list[int]:
@@ -229,10 +232,10 @@ def _whole_matrix_storage(
     # deterministic, since ties break on the rank number.
     load, fill = [0] * world_size, [0] * world_size
     owner_of: dict[int, int] = {}
-    for info in sorted(members, key=lambda i: (-_ns_cost(i), i.index)):
+    for info in sorted(members, key=lambda i: (-_cost(i), i.index)):
         rank = min(range(world_size), key=lambda r: (load[r], fill[r], r))
         owner_of[info.index] = rank
-        load[rank] += _ns_cost(info)
+        load[rank] += _cost(info)
         fill[rank] += info.numel
     num_chunks, area = _chunking(max(fill), world_size, bucket_numel, align_numel, chunked)
     cursor = [rank * area for rank in range(world_size)]
@@ -242,7 +245,7 @@ def _whole_matrix_storage(
         placed.append((cursor[rank], info, rank))
         cursor[rank] += info.numel
     placed.sort(key=lambda item: item[0])
-    slots = tuple(Slot(info.index, offset, info.numel) for offset, info, _ in placed)
+    slots = tuple(Span(info.index, offset, info.numel) for offset, info, _ in placed)
     owners = tuple(rank for _, _, rank in placed)
     return Storage(index, group, Granularity.MATRIX, dtype, slots, area, world_size, num_chunks, owners,
                    reduce_per_matrix=chunked)
@@ -276,6 +279,16 @@ def plan_shards(
         raise ValueError(f"Invalid align_numel: {align_numel} (expected an int >= 1)")
     if matrix_layout not in MATRIX_LAYOUTS:
         raise ValueError(f"Invalid matrix_layout: {matrix_layout!r} (expected one of {MATRIX_LAYOUTS})")
+    for info in params:
+        if info.granularity is Granularity.MATRIX and (
+            isinstance(info.transform_cost, bool) or not isinstance(info.transform_cost, int)
+            or info.transform_cost < 0
+        ):
+            raise ValueError(
+                f"Invalid params: {info.describe()} is a matrix parameter with transform_cost="
+                f"{info.transform_cost!r} (expected an int >= 0: its rule's MatrixRule.transform_cost, which the "
+                "matrix layouts balance over ranks)"
+            )
     open_units: dict[tuple[int, str, Granularity], list[ParamInfo]] = {}
     closed: list[tuple[tuple[int, str, Granularity], list[ParamInfo]]] = []
     for info in sorted(params, key=lambda i: -i.index):
@@ -308,7 +321,7 @@ def plan_shards(
 def _order_buckets(storages: Sequence[Storage]) -> tuple[Bucket, ...]:
     """Buckets in the order backward completes them (the last-arriving parameter decides).
 
-    Chunked storages reduce their gradients per matrix (:attr:`ShardPlan.reduce_units`);
+    Chunked storages reduce their gradients per matrix (:func:`shardopt.zero.schedule.reduce_units`);
     their buckets only all-gather, after the step, in chunk order.
     """
     keyed = []

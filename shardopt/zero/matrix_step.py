@@ -1,6 +1,6 @@
 """One step of a matrix rule (Muon) on this rank's area of a matrix storage.
 
-The plan (:mod:`shardopt.plan`) lays a param group's matrices end to end and
+The plan (:mod:`shardopt.zero.plan`) lays a param group's matrices end to end and
 cuts them into equal per-rank areas, so a few matrices ("straddlers") lie in
 two or more ranks' areas. Per step, on every rank (Jordan 2024 for the rule;
 the layout is shardopt's, see ``docs/design/muon-at-scale.md``)::
@@ -35,7 +35,7 @@ from torch.profiler import record_function
 from ..rules.base import MatrixRule
 from .buffers import StorageBuffers
 from .comm import Communicator
-from .plan import Piece, ShardPlan
+from .plan import ShardPlan, Span
 
 
 def _slice_state(state: Mapping[str, Tensor], start: int, numel: int) -> dict[str, Tensor]:
@@ -53,7 +53,7 @@ class MatrixStep:
     def __init__(self, plan: ShardPlan, buffers: StorageBuffers, comm: Communicator) -> None:
         self.buffers, self.comm = buffers, comm
         storage, rank, world = buffers.storage, comm.rank, comm.world_size
-        self.pieces: dict[int, Piece] = {piece.param: piece for piece in storage.pieces(rank)}
+        self.pieces: dict[int, Span] = {piece.param: piece for piece in storage.pieces(rank)}
         self.shape_of = {param: plan.param(param).shape for param in self.pieces}
         self.whole = [p for p, piece in self.pieces.items() if piece.numel == plan.param(p).numel]
         # Exchange 1: slices this rank sends (params, per owner) and, for the
@@ -87,12 +87,12 @@ class MatrixStep:
 
         def direction(param: int) -> Tensor:
             piece = self.pieces[param]
-            at, numel = piece.region_offset, piece.numel
+            at, numel = piece.offset, piece.numel
             return rule.direction(grad[at : at + numel], _slice_state(state, at, numel), hp).reshape(-1)
 
         def finish(param: int, update: Tensor) -> None:
             piece = self.pieces[param]
-            rule.finish(master[piece.region_offset : piece.region_offset + piece.numel], update,
+            rule.finish(master[piece.offset : piece.offset + piece.numel], update,
                         self.shape_of[param], hp)
 
         # Slices travel in the rule's exchange dtype, fixed by the hyperparameters and

@@ -9,10 +9,10 @@ Toward Training Trillion Parameter Models", sections 5.1-5.2)::
     step()     wait; one all-reduce of [sum of squared gradients, non-finite count];
                skip the step everywhere if any gradient is not finite; clip by the
                global norm; run the update rule on this rank's area (fp32 master
-               weights and states; Muon: :mod:`shardopt.matrix_step`); all-gather
+               weights and states; Muon: :mod:`shardopt.zero.matrix_step`); all-gather
                every bucket's parameters in place
 
-Model parameters are views of the storages (:mod:`shardopt.plan`), so the
+Model parameters are views of the storages (:mod:`shardopt.zero.plan`), so the
 all-gather updates the model without a copy. Do not wrap the model in DistributedDataParallel:
 this optimizer averages the gradients itself (DDP would average them twice over
 the wire, 1.5x the traffic, for the same result).
@@ -40,10 +40,11 @@ from torch.profiler import record_function
 
 from ..optimizer_base import ParamsT, RuleOptimizer
 from ..optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
-from ..rules.base import Granularity, MatrixRule, apply_update
+from ..rules.base import Granularity, StateSpec, apply_update
 from . import checkpoint
-from .buffers import BucketBuffers, StorageBuffers, storage_bytes
-from .comm import Communicator, default_group, digest_tensor
+from .buffers import BucketBuffers, StorageBuffers, gradient_sharding, storage_bytes
+from .comm import default_group, digest_tensor
+from .comm_gloo import communicator_for
 from .layout import plan_shards
 from .matrix_step import MatrixStep
 from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, Storage
@@ -129,7 +130,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.stage = stage
         self.max_grad_norm = max_grad_norm
         self.precision = precision or PrecisionPolicy()
-        self.comm = Communicator(process_group if process_group is not None else default_group())
+        self.comm = communicator_for(process_group if process_group is not None else default_group())
         self.num_skipped_steps = 0
         self.last_grad_norm: float | None = None
 
@@ -140,19 +141,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid params: all parameters must be on one device, got {devices}")
         self.device = devices.pop() if devices else torch.device("cpu")
         group_of = {id(p): g for g, group in enumerate(self.param_groups) for p in group["params"]}
-        infos = [
-            ParamInfo(
-                index, self.inner.param_label(p), tuple(p.shape), str(p.dtype).removeprefix("torch."),
-                group_of[id(p)], self.inner.rule_for_group(self.param_groups[group_of[id(p)]]).granularity,
-            )
-            for index, p in self.params.items()
-        ]
-        # Kept (stage 1, one rank) gradients are p.grad views of one storage-sized
-        # buffer, so matrix storages are then one bucket each.
-        self.keep_grad_flat = stage == 1 or not self.comm.active
+        infos = [self._param_info(index, p, group_of[id(p)]) for index, p in self.params.items()]
+        self.sharding = gradient_sharding(stage, self.comm.world_size)
         self.plan: ShardPlan = plan_shards(
             infos, self.comm.world_size, bucket_numel=bucket_numel, align_numel=DEFAULT_ALIGN_NUMEL,
-            matrix_layout=matrix_layout, shard_gradients=not self.keep_grad_flat,
+            matrix_layout=matrix_layout, shard_gradients=self.sharding.shards,
         )
         warn_if_padded(self.plan)
         _reject_ddp(self.params.values(), self.inner.param_label)
@@ -165,12 +158,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for s in self.storages if s.storage.granularity is Granularity.MATRIX
         }
         self.reducer = GradientReducer(
-            self.plan, self.buffers, self.storages, self.params, self.comm, overlap=overlap,
+            self.plan, self.buffers, self.storages, self.params, self.comm, self.sharding, overlap=overlap,
             label=self.inner.param_label, on_reduced=self._expose_grads,
         )
         self.closed = False
         for param in self.params.values():
             _OWNERS[id(param)] = self
+
+    def _param_info(self, index: int, param: Tensor, group: int) -> ParamInfo:
+        hp = self.param_groups[group]
+        rule = self.inner.rule_for_group(hp)
+        cost = rule.transform_cost(tuple(param.shape), hp) if rule.granularity is Granularity.MATRIX else None
+        return ParamInfo(index, self.inner.param_label(param), tuple(param.shape),
+                         str(param.dtype).removeprefix("torch."), group, rule.granularity, cost)
 
     def _reject_owned(self) -> None:
         """Raise if another live ZeroOptimizer's hooks still take one of these parameters' gradients."""
@@ -260,17 +260,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         wide = torch.promote_types(first.dtype, self.precision.master_dtype)
         master = area if wide == first.dtype else area.to(wide)
         reduce_dtype = self.precision.reduce_dtype or first.dtype
-        return StorageBuffers(storage, self.comm.rank, param_flat, master, reduce_dtype,
-                              keep_grad_flat=self.keep_grad_flat, poison=self.comm.poison)
+        return StorageBuffers(storage, self.comm.rank, param_flat, master, reduce_dtype, self.sharding,
+                              poison=self.comm.poison)
 
     def _expose_grads(self) -> None:
-        if not self.keep_grad_flat:
-            return
         for buffers in self.storages:
-            for slot in buffers.storage.slots:
-                param = self.params[slot.param]
-                grad = buffers.ensure_grad_flat()[slot.offset : slot.offset + slot.numel].view(param.shape)
-                param.grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)
+            self.sharding.expose(buffers, self.params)
 
     # ------------------------------------------------------------------- step
 
@@ -346,8 +341,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def ensure_states(self, buffers: StorageBuffers) -> None:
         """Allocate ``buffers``' states if needed."""
-        group = self.param_groups[buffers.storage.group]
-        buffers.allocate_states(self.inner.rule_for_group(group).state_specs(group))
+        buffers.allocate_states(self._state_specs(buffers.storage.group))
 
     def _apply_rules(self, grads: list[Tensor]) -> None:
         for group_index, group in enumerate(self.param_groups):
@@ -357,7 +351,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 if buffers.storage.group != group_index:
                     continue
                 self.ensure_states(buffers)
-                if isinstance(rule, MatrixRule):
+                if buffers.storage.granularity is Granularity.MATRIX:
                     self.matrix_steps[buffers.storage.index](rule, group, grad)
                 else:
                     params.append(buffers.master[: buffers.used_numel])
@@ -372,9 +366,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """This rank's bytes by category, measured from the tensors allocated now."""
         param_flats = [s.param_flat for s in self.storages]
         separate = [s.master for s in self.storages if s.master_separate()]
-        grads = [s.grad_flat if self.keep_grad_flat else s.grad_area for s in self.storages]
-        comm_buffers = [] if self.keep_grad_flat else [b.grad_flat for b in self.buffers] + list(
-            self.reducer.matrix_grads.values())
+        # Kept gradients: the area is a view of the flat buffer (counted once).
+        grads = [t for s in self.storages for t in (s.grad_flat, s.grad_area)]
+        comm_buffers = [b.grad_flat for b in self.buffers] + list(self.reducer.matrix_grads.values())
         states: dict[str, int] = {}
         for buffers in self.storages:
             for name, tensor in buffers.states.items():
@@ -386,6 +380,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "master_params": storage_bytes(separate),
             "optimizer_states": states,
             "comm_buffers": storage_bytes(comm_buffers),
+            # Transient gradient buffers at their peak in the last backward (sharded gradients).
+            "comm_buffers_peak": self.reducer.peak_buffer_bytes,
             "padding": padding,
         }
         report["total"] = (
@@ -400,22 +396,32 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ checkpoints
 
+    def _sharded_state(self) -> checkpoint.ShardedState:
+        return checkpoint.ShardedState(self.plan, self.storages, self.param_groups, self._state_specs, self.comm)
+
+    def _state_specs(self, group: int) -> tuple[StateSpec, ...]:
+        hp = self.param_groups[group]
+        return self.inner.rule_for_group(hp).state_specs(hp)
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard of the optimizer state, with metadata checked on load."""
-        return checkpoint.sharded_state_dict(self)
+        return checkpoint.sharded_state_dict(
+            self._sharded_state(), {"stage": self.stage, "num_skipped_steps": self.num_skipped_steps})
 
     def full_state_dict(self, *, all_ranks: bool = False) -> dict[str, Any] | None:
         """The unsharded state in torch.optim's format on rank 0 (``None`` elsewhere).
 
         A collective: every rank must call it.
         """
-        return checkpoint.full_state_dict(self, all_ranks=all_ranks)
+        return checkpoint.full_state_dict(self._sharded_state(), all_ranks=all_ranks)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a shard from :meth:`state_dict`, or a full torch.optim-format state dict
         (from :meth:`full_state_dict` at any world size, or from the single-process
         optimizer)."""
-        checkpoint.load_state_dict(self, state_dict)
+        shard = checkpoint.load_state_dict(self._sharded_state(), state_dict)
+        if shard is not None:
+            self.num_skipped_steps = shard.get("num_skipped_steps", 0)
 
 
 def warn_if_padded(plan: ShardPlan) -> None:

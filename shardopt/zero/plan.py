@@ -18,7 +18,7 @@ Two levels:
   reduce-scatter hands rank ``r`` exactly chunk ``k`` of its own area.
 
 How the parameters are placed (elementwise packing, the balanced and whole
-matrix layouts) is :mod:`shardopt.layout`; this module holds the data model,
+matrix layouts) is :mod:`shardopt.zero.layout`; this module holds the data model,
 its validation and its reports.
 
 Areas are padded to a multiple of ``align_numel`` elements; the plan reports
@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..rules.base import Granularity
-from ..rules.newton_schulz import matrix_shape, newton_schulz_flops
 
 DEFAULT_BUCKET_NUMEL = 1 << 23
 DEFAULT_ALIGN_NUMEL = 64
@@ -44,7 +43,13 @@ DEFAULT_ALIGN_NUMEL = 64
 
 @dataclass(frozen=True)
 class ParamInfo:
-    """What the plan needs to know of one parameter."""
+    """What the plan needs to know of one parameter.
+
+    ``transform_cost``: multiply-adds per step of its matrix rule's whole-matrix
+    transform (Muon: Newton-Schulz), as the rule declares it
+    (:meth:`~shardopt.rules.base.MatrixRule.transform_cost`); the matrix layouts
+    balance it over ranks. Required for ``Granularity.MATRIX`` parameters.
+    """
 
     index: int
     name: str
@@ -52,6 +57,7 @@ class ParamInfo:
     dtype: str
     group: int
     granularity: Granularity = Granularity.ELEMENTWISE
+    transform_cost: int | None = None
 
     @property
     def numel(self) -> int:
@@ -62,9 +68,10 @@ class ParamInfo:
 
 
 @dataclass(frozen=True)
-class Slot:
-    """Elements ``[param_offset, param_offset + numel)`` of parameter ``param`` sit at
-    ``[offset, offset + numel)`` of a storage or a bucket."""
+class Span:
+    """Elements ``[param_offset, param_offset + numel)`` of flattened parameter ``param``
+    sit at ``[offset, offset + numel)`` of a buffer: a storage, a bucket, or one
+    rank's area or region of either (each use says which)."""
 
     param: int
     offset: int
@@ -72,22 +79,9 @@ class Slot:
     param_offset: int = 0
 
 
-@dataclass(frozen=True)
-class Piece:
-    """The part of a parameter inside one rank's area (or a bucket region).
-
-    Elements ``[param_offset, param_offset + numel)`` of the flattened parameter
-    sit at ``[region_offset, region_offset + numel)`` of the area.
-    """
-
-    param: int
-    param_offset: int
-    region_offset: int
-    numel: int
-
-
-def _pieces_in(slots: Sequence[Slot], starts: Sequence[int], start: int, end: int) -> tuple[Piece, ...]:
-    """Pieces of ``slots`` (sorted by offset, ``starts`` their offsets) inside ``[start, end)``."""
+def _spans_in(slots: Sequence[Span], starts: Sequence[int], start: int, end: int) -> tuple[Span, ...]:
+    """The parts of ``slots`` (sorted by offset, ``starts`` their offsets) inside ``[start, end)``,
+    with offsets relative to ``start``."""
     found = []
     position = max(0, bisect.bisect_right(starts, start) - 1)
     for slot in slots[position:]:
@@ -95,7 +89,7 @@ def _pieces_in(slots: Sequence[Slot], starts: Sequence[int], start: int, end: in
             break
         low, high = max(start, slot.offset), min(end, slot.offset + slot.numel)
         if low < high:
-            found.append(Piece(slot.param, slot.param_offset + low - slot.offset, low - start, high - low))
+            found.append(Span(slot.param, low - start, high - low, slot.param_offset + low - slot.offset))
     return tuple(found)
 
 
@@ -113,7 +107,7 @@ class Storage:
     group: int
     granularity: Granularity
     dtype: str
-    slots: tuple[Slot, ...]
+    slots: tuple[Span, ...]
     area_numel: int
     world_size: int
     num_chunks: int = 1
@@ -143,14 +137,14 @@ class Storage:
     def area_bounds(self, rank: int) -> tuple[int, int]:
         return rank * self.area_numel, (rank + 1) * self.area_numel
 
-    def pieces(self, rank: int) -> tuple[Piece, ...]:
+    def pieces(self, rank: int) -> tuple[Span, ...]:
         """Parameter pieces inside ``rank``'s area, in area order."""
-        return _pieces_in(self.slots, self._starts, *self.area_bounds(rank))
+        return _spans_in(self.slots, self._starts, *self.area_bounds(rank))
 
     def used_area_numel(self, rank: int) -> int:
         """Elements of ``rank``'s area from its first element to its last used one."""
         pieces = self.pieces(rank)
-        return pieces[-1].region_offset + pieces[-1].numel if pieces else 0
+        return pieces[-1].offset + pieces[-1].numel if pieces else 0
 
     @functools.cached_property
     def _position(self) -> dict[int, int]:
@@ -178,14 +172,14 @@ class Storage:
         last = (slot.offset + slot.numel - 1) // self.area_numel
         return tuple(range(first, last + 1))
 
-    def chunk_slots(self, chunk: int) -> tuple[Slot, ...]:
+    def chunk_slots(self, chunk: int) -> tuple[Span, ...]:
         """Slots of the bucket made of chunk ``chunk`` of every area."""
         size = self.chunk_numel
         out = []
         for rank in range(self.world_size):
             start = rank * self.area_numel + chunk * size
-            for piece in _pieces_in(self.slots, self._starts, start, start + size):
-                out.append(Slot(piece.param, rank * size + piece.region_offset, piece.numel, piece.param_offset))
+            for piece in _spans_in(self.slots, self._starts, start, start + size):
+                out.append(Span(piece.param, rank * size + piece.offset, piece.numel, piece.param_offset))
         return tuple(out)
 
 
@@ -223,7 +217,7 @@ class Bucket:
         return self.chunk * self.region_numel
 
     @functools.cached_property
-    def slots(self) -> tuple[Slot, ...]:
+    def slots(self) -> tuple[Span, ...]:
         if self.storage.num_chunks == 1:
             return self.storage.slots
         return self.storage.chunk_slots(self.chunk)
@@ -239,18 +233,9 @@ class Bucket:
     def region_bounds(self, rank: int) -> tuple[int, int]:
         return rank * self.region_numel, (rank + 1) * self.region_numel
 
-    def pieces(self, rank: int) -> tuple[Piece, ...]:
+    def pieces(self, rank: int) -> tuple[Span, ...]:
         """Parameter pieces inside ``rank``'s region, in region order."""
-        return _pieces_in(self.slots, [s.offset for s in self.slots], *self.region_bounds(rank))
-
-
-@dataclass(frozen=True)
-class ReduceUnit:
-    """One gradient reduction: bucket ``bucket``'s, or matrix ``param``'s (reduced to
-    the ranks whose areas hold it)."""
-
-    bucket: int | None = None
-    param: int | None = None
+        return _spans_in(self.slots, [s.offset for s in self.slots], *self.region_bounds(rank))
 
 
 @dataclass(frozen=True)
@@ -328,70 +313,17 @@ class ShardPlan:
                 total += sum(p for m, p in zip(straddler.members, straddler.parts) if m != rank)
         return total
 
-    @functools.cached_property
-    def reduce_units(self) -> tuple[ReduceUnit, ...]:
-        """Gradient reductions in the order backward is expected to complete them.
-
-        A bucket of a storage without ``reduce_per_matrix`` is one unit; each
-        matrix of a storage with it is one. Every parameter is in exactly one
-        unit. The runtime launches in this order in its first step only, then
-        in the order rank 0 saw (:mod:`shardopt.hooks`); the guess must still be
-        good, as a unit waiting for a late one holds every later gradient.
-        """
-        keyed = []
-        for bucket in self.buckets:
-            if not bucket.storage.reduce_per_matrix:
-                params = {slot.param for slot in bucket.slots}
-                keyed.append((-min(self._depth[p] for p in params), -min(params), 0, bucket.index,
-                              ReduceUnit(bucket=bucket.index)))
-        for storage in self.storages:
-            if storage.reduce_per_matrix:
-                for slot in storage.slots:
-                    keyed.append((-self._depth[slot.param], -slot.param, 1, slot.param, ReduceUnit(param=slot.param)))
-        keyed.sort(key=lambda item: item[:4])
-        return tuple(item[4] for item in keyed)
-
-    @functools.cached_property
-    def _depth(self) -> dict[int, float]:
-        """Each parameter's place in its param group, in (0, 1]: the group's last is 1.
-
-        Indices run group by group (a Muon setup numbers every matrix before the
-        embedding); inside a group they follow the order the parameters were
-        listed, usually the model's. Gradients arrive in about the reverse of
-        that order in every group at once, so the place inside the group
-        predicts arrival where the index across groups does not.
-        """
-        groups: dict[int, list[int]] = {}
-        for info in self.params:
-            groups.setdefault(info.group, []).append(info.index)
-        depth = {}
-        for indices in groups.values():
-            for place, index in enumerate(sorted(indices)):
-                depth[index] = (place + 1) / len(indices)
-        return depth
-
-    def unit_numel(self, unit: ReduceUnit) -> int:
-        """Elements of the unit's gradient buffer (a bucket's flat, or the matrix)."""
-        if unit.bucket is not None:
-            return self.buckets[unit.bucket].flat_numel
-        return self._by_index[unit.param].numel
-
-    def unit_params(self, unit: ReduceUnit) -> tuple[int, ...]:
-        if unit.bucket is not None:
-            return tuple(dict.fromkeys(slot.param for slot in self.buckets[unit.bucket].slots))
-        return (unit.param,)
-
-    def ns_matrices(self, rank: int) -> tuple[ParamInfo, ...]:
-        """The matrices ``rank`` orthogonalizes, in storage order."""
+    def owned_matrices(self, rank: int) -> tuple[ParamInfo, ...]:
+        """The matrices ``rank`` transforms (Muon: orthogonalizes), in storage order."""
         return tuple(
             self._by_index[slot.param]
             for storage in self.storages if storage.granularity is Granularity.MATRIX
             for slot, owner in zip(storage.slots, storage.ns_owners) if owner == rank
         )
 
-    def newton_schulz_cost(self, rank: int, ns_steps: int = 5) -> int:
-        """Multiply-adds of Newton-Schulz that ``rank`` runs per step under this plan."""
-        return sum(_ns_cost(info) for info in self.ns_matrices(rank)) * ns_steps
+    def transform_cost(self, rank: int) -> int:
+        """Multiply-adds of matrix transforms (Muon: Newton-Schulz) ``rank`` runs per step."""
+        return sum(info.transform_cost or 0 for info in self.owned_matrices(rank))
 
     def matrix_balance(self) -> dict[str, float]:
         """Balance of the matrix storages over ranks: state, Newton-Schulz cost, exchange.
@@ -407,8 +339,8 @@ class ShardPlan:
             return {}
         ranks = range(self.world_size)
         used = [sum(s.used_area_numel(r) for s in matrix) for r in ranks]
-        cost = [self.newton_schulz_cost(r, 1) for r in ranks]
-        largest = max(_ns_cost(self._by_index[slot.param]) for s in matrix for slot in s.slots)
+        cost = [self.transform_cost(r) for r in ranks]
+        largest = max(self._by_index[slot.param].transform_cost or 0 for s in matrix for slot in s.slots)
         mean_used, mean_cost = sum(used) / len(used), sum(cost) / len(cost)
         total = sum(s.used_numel for s in matrix)
         return {
@@ -482,8 +414,6 @@ class ShardPlan:
         chunks = sorted((b.storage.index, b.chunk) for b in self.buckets)
         _require(chunks == [(s.index, k) for s in self.storages for k in range(s.num_chunks)],
                  "the buckets do not cover every chunk of every storage exactly once")
-        _require(sorted(p for u in self.reduce_units for p in self.unit_params(u)) == sorted(by_index),
-                 "the reduce units do not cover every parameter exactly once")
 
 
 class PlanError(ValueError):
@@ -494,7 +424,3 @@ def _require(condition: bool, message: str) -> None:
     if not condition:
         raise PlanError(f"Invalid shard plan: {message}")
 
-
-def _ns_cost(info: ParamInfo) -> int:
-    count = info.shape[0] if len(info.shape) == 3 else 1
-    return count * newton_schulz_flops(*matrix_shape(info.shape), 1)

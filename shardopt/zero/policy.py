@@ -1,8 +1,8 @@
 """Settings of the ZeRO engine that the memory planner must know: pure data, no process group.
 
-The planner (memory.py, memory_plan.py, cli.py) reads these instead of the
-engine's modules, so the dependencies run one way: planner -> plan and policy
--> rules (``tests/test_structure.py`` keeps it so).
+The planner (:mod:`shardopt.planner`) reads these instead of the engine's
+runtime modules, so the dependencies run one way: planner -> plan, schedule and
+policy -> rules (``tests/test_structure.py`` keeps it so).
 """
 
 from __future__ import annotations
@@ -12,9 +12,20 @@ from dataclasses import dataclass
 import torch
 
 # Stage 2 keeps at most this many gradient reductions in flight during backward
-# (shardopt.hooks): launching one more waits for the oldest, so peak gradient
-# memory is this rank's areas plus a bounded window.
+# (shardopt.zero.schedule): launching one more waits for the oldest, so peak
+# gradient memory is this rank's areas plus a bounded window.
 MAX_IN_FLIGHT = 2
+
+
+def shards_gradients(stage: int, world_size: int) -> bool:
+    """Whether each rank keeps only its area of the averaged gradient (stage 2 on several ranks).
+
+    Otherwise (stage 1, or one rank) every storage keeps its full averaged
+    gradient, all-reduced in place, and ``p.grad`` views it. Decided here once,
+    for the runtime (:func:`shardopt.zero.buffers.gradient_sharding`) and the
+    planner alike.
+    """
+    return stage >= 2 and world_size > 1
 
 
 @dataclass(frozen=True)

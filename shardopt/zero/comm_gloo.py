@@ -1,0 +1,151 @@
+"""Collectives on gloo, and the factory that picks a communicator's type from its group's backend.
+
+:class:`~shardopt.zero.comm.Communicator` issues the native collectives
+(NCCL, and any backend with a native reduce-scatter, reduce and flat
+all-gather). gloo lacks some of them, or implements them with more traffic
+than the ideal, so :class:`GlooCommunicator` overrides exactly three methods:
+
+* :meth:`~GlooCommunicator.reduce_scatter_avg`: gloo has no native
+  reduce-scatter; torch's gloo ``reduce_scatter_tensor`` moves all-reduce
+  volume (measured 1.50x the ideal on the wire at two ranks). An all-to-all
+  sends each region straight to its owner (the ideal), which sums locally.
+* :meth:`~GlooCommunicator.reduce_avg`: gloo's reduce moves more than the ideal
+  (loopback bytes of a 16 MiB reduce, ``benchmarks/bench_gloo_reduce.py``:
+  2.25x at two ranks, 1.42x at four); an all-to-all to the destination
+  measured 1.00x.
+* :meth:`~GlooCommunicator.all_gather_chunks`: gloo gathers into a list of
+  outputs directly (NCCL would go through one flat buffer anyway).
+
+The local sums of both all-to-all reductions are done by :class:`_MeanOnWait`
+in one fixed order (``docs/design/collectives.md``, rule 3). Everything else
+(byte counting, the ownership and agreement checks, poisoning) is the base
+class's, unchanged: these overrides call the same helpers in the same order.
+
+:func:`communicator_for` chooses the type once, from the group's backend; the
+rest of the engine sees only the :class:`Communicator` interface. The factory
+lives here rather than in ``comm.py`` because ``comm.py`` must not import its
+subclass (no module pair imports each other: ``tests/test_structure.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor
+
+from .comm import Communicator, _Done
+
+
+class _MeanOnWait:
+    """Completes a reduction done by an all-to-all: the mean of every rank's copy.
+
+    ``received`` holds copies one after the other in rank order: every rank's
+    (``own_rank=None``), or every rank's but ``own_rank``'s, whose copy is already
+    in ``output``. The copies are summed in rank order, ``((c_0 + c_1) + c_2) ...``,
+    then divided by the number of ranks: one fixed arithmetic whichever path
+    (bucket reduce-scatter or per-matrix reduce) and whichever rank reduced, so a
+    run is reproducible bit for bit and equals an unsharded optimizer given the
+    same rank-ordered mean (the tests' oracle).
+    """
+
+    def __init__(self, work: Any, received: Tensor, output: Tensor | None, world_size: int,
+                 *, own_rank: int | None) -> None:
+        self.work, self.received, self.output, self.world_size = work, received, output, world_size
+        self.own_rank = own_rank
+
+    def wait(self) -> bool:
+        if self.work is not None:
+            self.work.wait()
+            output = self.output
+            if output is not None and output.numel():
+                copies = list(self.received.view(-1, output.numel()))
+                if self.own_rank is None:
+                    output.copy_(copies[0])
+                    later = copies[1:]
+                else:
+                    before, later = copies[: self.own_rank], copies[self.own_rank :]
+                    if before:
+                        for copy in before[1:]:
+                            before[0].add_(copy)  # scratch: the received buffer
+                        output.add_(before[0])  # a + b == b + a in IEEE arithmetic
+                for copy in later:
+                    output.add_(copy)
+                output.div_(self.world_size)
+            self.work = self.received = None
+        return True
+
+
+class GlooCommunicator(Communicator):
+    """:class:`Communicator` on a gloo group: reduce-scatter and reduce as all-to-alls, list all-gather."""
+
+    def reduce_scatter_avg(self, output: Tensor, flat: Tensor, *, async_op: bool = False):
+        """``output`` (this rank's region) <- mean over ranks of ``flat``'s region."""
+        if not self.active:
+            output.copy_(flat)
+            return _Done()
+        self._count("reduce_scatter", self._share(flat.numel() * flat.element_size()))
+        # gloo has no native reduce-scatter: torch's gloo reduce_scatter_tensor
+        # moves all-reduce volume (measured 1.50x the ideal on the wire at two
+        # ranks). An all-to-all sends each region straight to its owner
+        # ((N-1)/N of the buffer, the ideal) and the owner sums locally.
+        self._agree("all_to_all", flat.dtype, flat.numel())
+        received = self.empty(flat.numel(), flat.dtype, flat.device)
+        claim = self._claim("reduce-scatter", [output, flat])
+        work = dist.all_to_all_single(received, flat, group=self.group, async_op=True)
+        done = _MeanOnWait(self._own(work, claim), received, output, self.world_size, own_rank=None)
+        if not async_op:
+            done.wait()
+        return done
+
+    def reduce_avg(self, tensor: Tensor, dst: int, *, async_op: bool = False):
+        """``tensor`` on rank ``dst`` <- mean over ranks of ``tensor`` (others' copies are scratch).
+
+        Counted like a reduce-scatter's share of the same elements: with the
+        reductions of all parts of a storage's matrices, each rank sends what a
+        reduce-scatter of the storage would.
+        """
+        if not self.active:
+            return _Done()
+        self._count("reduce", self._share(tensor.numel() * tensor.element_size()))
+        # gloo's reduce moves more than the ideal (N-1) B in all (loopback bytes of a
+        # 16 MiB reduce, benchmarks/bench_gloo_reduce.py: 2.25x at two ranks, 1.42x
+        # at four): the other ranks send their copies straight to dst (one
+        # all-to-all with only those parts non-empty; measured 1.00x), which sums them.
+        numel, mine = tensor.numel(), dst == self.rank
+        send = [numel if r == dst and not mine else 0 for r in range(self.world_size)]
+        receive = [numel if mine and r != dst else 0 for r in range(self.world_size)]
+        self._agree("all_to_all", tensor.dtype, numel, send, receive)
+        received = self.empty(sum(receive), tensor.dtype, tensor.device)
+        claim = self._claim("reduce", [tensor])
+        work = dist.all_to_all_single(received, tensor if not mine else tensor.new_empty(0), receive, send,
+                                      group=self.group, async_op=True)
+        done = _MeanOnWait(self._own(work, claim), received, tensor if mine else None, self.world_size,
+                           own_rank=dst)
+        if not async_op:
+            done.wait()
+        return done
+
+    def all_gather_chunks(self, outputs: list[Tensor], local: Tensor, *, async_op: bool = False):
+        """``outputs[r]`` <- rank ``r``'s ``local`` (equal sizes; ``local`` may be ``outputs[rank]``)."""
+        if not self.active:
+            return _Done()
+        self._count("all_gather", self._share(sum(t.numel() for t in outputs) * local.element_size()))
+        self._agree("all_gather", local.dtype, local.numel() * len(outputs))
+        claim = self._claim("all-gather", outputs)
+        # gloo's list all-gather fills the (non-adjacent) chunks itself and can run
+        # asynchronously (the base class's flat path waits before copying out).
+        work = dist.all_gather(outputs, local, group=self.group, async_op=async_op)
+        return self._own(work, claim) if async_op else work
+
+
+def communicator_for(group: Any | None, *, check: bool | None = None, poison: bool | None = None) -> Communicator:
+    """The communicator for ``group``, its type chosen once from the group's backend.
+
+    :class:`GlooCommunicator` for a gloo group; :class:`Communicator` (native
+    collectives) for any other backend and for ``group=None`` (no group, one rank).
+    ``check`` and ``poison`` are :class:`Communicator`'s.
+    """
+    if group is not None and dist.get_backend(group) == "gloo":
+        return GlooCommunicator(group, check=check, poison=poison)
+    return Communicator(group, check=check, poison=poison)
