@@ -105,7 +105,13 @@ def _train(rank: int, world: int, model, ref, opt, ref_opt, *, clip: float | Non
         if step == poison_step and rank == world - 1:
             loss = loss * float("inf")  # every gradient of this rank becomes inf or nan
         loss.backward()
-        counts.append(orthogonalized_in_step(opt))
+        # The count is fixed by the plan: profile (which costs seconds over a run) the first
+        # step, the first in the adopted launch order, the last and a skipped one.
+        if step in (0, 1, STEPS - 1, poison_step):
+            counts.append(orthogonalized_in_step(opt))
+        else:
+            opt.step()
+            counts.append(None)
         opt.zero_grad()
         if step == poison_step:
             skipped.append(opt.num_skipped_steps)
