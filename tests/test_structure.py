@@ -102,3 +102,26 @@ def test_the_checker_sees_imports():
     assert {"shardopt.zero.reducer", "shardopt.zero.comm", "shardopt.rules.base"} <= _imports(
         "shardopt.zero.optimizer")
     assert "shardopt.planner.report" in _imports("shardopt.planner")
+
+
+def test_public_paths_of_the_previous_release_still_work():
+    import warnings
+
+    import pytest
+
+    from shardopt import dist, planner
+    from shardopt.planner.cli import main
+
+    assert shardopt.ZeroOptimizer.__module__ == "shardopt.zero.optimizer"
+    assert shardopt.plan_shards.__module__ == "shardopt.zero.layout"
+    assert callable(dist.init_from_env)
+    from shardopt import memory
+
+    with pytest.warns(DeprecationWarning, match=r"shardopt\.memory\.estimate is deprecated; use shardopt\.planner"):
+        estimate = memory.estimate
+    assert estimate is planner.estimate
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["plan", "--model", "llama2-7b", "--dp", "8"]) == 0
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        memory.nothing  # noqa: B018
