@@ -262,6 +262,10 @@ class Communicator:
             output.copy_(flat)
             return _Done()
         self._count("reduce_scatter", self._share(flat.numel() * flat.element_size()))
+        return self._reduce_scatter(output, flat, async_op)
+
+    def _reduce_scatter(self, output: Tensor, flat: Tensor, async_op: bool):
+        """The native reduce-scatter (mean); subclasses replace it for their backend."""
         self._agree("reduce_scatter", flat.dtype, flat.numel())
         claim = self._claim("reduce-scatter", [output, flat])
         work = _reduce_scatter_flat(output, flat, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
@@ -277,6 +281,10 @@ class Communicator:
         if not self.active:
             return _Done()
         self._count("reduce", self._share(tensor.numel() * tensor.element_size()))
+        return self._reduce(tensor, dst, async_op)
+
+    def _reduce(self, tensor: Tensor, dst: int, async_op: bool):
+        """The native reduce (mean) to ``dst``; subclasses replace it for their backend."""
         self._agree("reduce", tensor.dtype, tensor.numel())
         claim = self._claim("reduce", [tensor])
         work = dist.reduce(tensor, self.global_rank(dst), op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
@@ -300,6 +308,10 @@ class Communicator:
             return _Done()
         self._count("all_gather", self._share(sum(t.numel() for t in outputs) * local.element_size()))
         self._agree("all_gather", local.dtype, local.numel() * len(outputs))
+        return self._gather_chunks(outputs, local, async_op)
+
+    def _gather_chunks(self, outputs: list[Tensor], local: Tensor, async_op: bool):
+        """The native all-gather into separate chunks; subclasses replace it for their backend."""
         self._claim("all-gather", outputs)
         # NCCL gathers list outputs through one flat buffer anyway; do it here so the
         # bytes are sent once, then copy into the (non-adjacent) chunks.

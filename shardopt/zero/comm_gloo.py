@@ -3,17 +3,19 @@
 :class:`~shardopt.zero.comm.Communicator` issues the native collectives
 (NCCL, and any backend with a native reduce-scatter, reduce and flat
 all-gather). gloo lacks some of them, or implements them with more traffic
-than the ideal, so :class:`GlooCommunicator` overrides exactly three methods:
+than the ideal, so :class:`GlooCommunicator` replaces the backend step of
+exactly three collectives (the public methods, with their byte counting, are
+the base class's):
 
-* :meth:`~GlooCommunicator.reduce_scatter_avg`: gloo has no native
+* :meth:`~Communicator.reduce_scatter_avg`: gloo has no native
   reduce-scatter; torch's gloo ``reduce_scatter_tensor`` moves all-reduce
   volume (measured 1.50x the ideal on the wire at two ranks). An all-to-all
   sends each region straight to its owner (the ideal), which sums locally.
-* :meth:`~GlooCommunicator.reduce_avg`: gloo's reduce moves more than the ideal
+* :meth:`~Communicator.reduce_avg`: gloo's reduce moves more than the ideal
   (loopback bytes of a 16 MiB reduce, ``benchmarks/bench_gloo_reduce.py``:
   2.25x at two ranks, 1.42x at four); an all-to-all to the destination
   measured 1.00x.
-* :meth:`~GlooCommunicator.all_gather_chunks`: gloo gathers into a list of
+* :meth:`~Communicator.all_gather_chunks`: gloo gathers into a list of
   outputs directly (NCCL would go through one flat buffer anyway).
 
 The local sums of both all-to-all reductions are done by :class:`_MeanOnWait`
@@ -34,7 +36,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import Communicator, _Done
+from .comm import Communicator
 
 
 class _MeanOnWait:
@@ -79,12 +81,7 @@ class _MeanOnWait:
 class GlooCommunicator(Communicator):
     """:class:`Communicator` on a gloo group: reduce-scatter and reduce as all-to-alls, list all-gather."""
 
-    def reduce_scatter_avg(self, output: Tensor, flat: Tensor, *, async_op: bool = False):
-        """``output`` (this rank's region) <- mean over ranks of ``flat``'s region."""
-        if not self.active:
-            output.copy_(flat)
-            return _Done()
-        self._count("reduce_scatter", self._share(flat.numel() * flat.element_size()))
+    def _reduce_scatter(self, output: Tensor, flat: Tensor, async_op: bool):
         # gloo has no native reduce-scatter: torch's gloo reduce_scatter_tensor
         # moves all-reduce volume (measured 1.50x the ideal on the wire at two
         # ranks). An all-to-all sends each region straight to its owner
@@ -98,16 +95,7 @@ class GlooCommunicator(Communicator):
             done.wait()
         return done
 
-    def reduce_avg(self, tensor: Tensor, dst: int, *, async_op: bool = False):
-        """``tensor`` on rank ``dst`` <- mean over ranks of ``tensor`` (others' copies are scratch).
-
-        Counted like a reduce-scatter's share of the same elements: with the
-        reductions of all parts of a storage's matrices, each rank sends what a
-        reduce-scatter of the storage would.
-        """
-        if not self.active:
-            return _Done()
-        self._count("reduce", self._share(tensor.numel() * tensor.element_size()))
+    def _reduce(self, tensor: Tensor, dst: int, async_op: bool):
         # gloo's reduce moves more than the ideal (N-1) B in all (loopback bytes of a
         # 16 MiB reduce, benchmarks/bench_gloo_reduce.py: 2.25x at two ranks, 1.42x
         # at four): the other ranks send their copies straight to dst (one
@@ -126,12 +114,7 @@ class GlooCommunicator(Communicator):
             done.wait()
         return done
 
-    def all_gather_chunks(self, outputs: list[Tensor], local: Tensor, *, async_op: bool = False):
-        """``outputs[r]`` <- rank ``r``'s ``local`` (equal sizes; ``local`` may be ``outputs[rank]``)."""
-        if not self.active:
-            return _Done()
-        self._count("all_gather", self._share(sum(t.numel() for t in outputs) * local.element_size()))
-        self._agree("all_gather", local.dtype, local.numel() * len(outputs))
+    def _gather_chunks(self, outputs: list[Tensor], local: Tensor, async_op: bool):
         claim = self._claim("all-gather", outputs)
         # gloo's list all-gather fills the (non-adjacent) chunks itself and can run
         # asynchronously (the base class's flat path waits before copying out).
