@@ -133,7 +133,13 @@ def test_ranks_with_different_parameters_raise_instead_of_hanging():
         for kind in ("extra", "shape"):
             assert "ranks hold different parameters" in out[kind], (kind, out[kind])
             assert "first mismatch" in out[kind]
-        assert "Invalid stage: ranks disagree (rank 0: 1, rank 1: 2)" in out["stage"]
+        assert "Invalid stage: ranks disagree (rank 0: 2, rank 1: 1)" in out["stage"]
+        assert "Invalid param_groups[0]['lr']: ranks disagree (rank 0: 0.01, rank 1: 0.02)" in out["lr"]
+        assert "Invalid param_groups[0]['amsgrad']: ranks disagree (rank 0: False, rank 1: True)" in out["amsgrad"]
+        assert "Invalid max_grad_norm: ranks disagree (rank 0: 1.0, rank 1: 2.0)" in out["max_grad_norm"]
+        assert "Invalid optimizer_class: ranks disagree (rank 0: 'AdamW', rank 1: 'Adam')" in out["class"]
+        assert "Invalid reduce_dtype: ranks disagree (rank 0: torch.float32, rank 1: torch.bfloat16)" in out[
+            "reduce_dtype"]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])

@@ -79,11 +79,21 @@ def test_torch_optim_classes_map_to_shardopt_and_others_are_refused():
         ({"lr": -1.0}, ValueError, "lr"),
         ({"betas": (1.0, 0.9)}, ValueError, "beta"),
         ({"bucket_numel": 0}, ValueError, "bucket_numel"),
+        ({"bucket_numel": "1e6"}, ValueError, "bucket_numel"),
+        ({"precision": "bf16"}, TypeError, "precision.*PrecisionPolicy"),
+        ({"overlap": "yes"}, TypeError, "overlap"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, error, match):
     with pytest.raises(error, match=match):
         shardopt.ZeroOptimizer(w.TinyLM().parameters(), shardopt.AdamW, **kwargs)
+
+
+def test_a_non_float_reduce_dtype_is_refused():
+    with pytest.raises(ValueError, match="reduce_dtype"):
+        shardopt.PrecisionPolicy(reduce_dtype=torch.int64)
+    with pytest.raises(ValueError, match="master_dtype"):
+        shardopt.PrecisionPolicy(master_dtype="float32")
 
 
 def test_add_param_group_after_construction_is_refused():
@@ -135,13 +145,45 @@ def test_parameters_are_views_of_the_storages():
         assert param.untyped_storage().data_ptr() in storages
 
 
-def test_second_backward_without_no_sync_is_a_clear_error():
+def test_second_backward_without_no_sync_is_a_clear_error_and_loses_nothing():
+    torch.manual_seed(0)
     model = w.TinyLM()
+    ref = copy.deepcopy(model)
     opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW)
+    ref_opt = torch.optim.AdamW(ref.parameters())
     w.lm_loss(model, w.batch(0)).backward()
     with pytest.raises(RuntimeError, match="no_sync"):
         w.lm_loss(model, w.batch(1)).backward()
-    del opt
+    # Autograd added to p.grad before the hook could refuse: the step is refused until
+    # zero_grad() discards it, and the optimizer is then as if that step never began.
+    with pytest.raises(RuntimeError, match="call zero_grad"):
+        opt.step()
+    opt.zero_grad()
+    for step in (2, 3):
+        w.lm_loss(model, w.batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+        w.lm_loss(ref, w.batch(step)).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+
+
+def test_large_finite_gradients_are_not_mistaken_for_non_finite():
+    model = w.TinyLM()
+    opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.SGD, lr=1e-30, max_grad_norm=1.0)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e20)  # squares overflow fp32; the norm does not
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    numel = sum(p.numel() for p in model.parameters())
+    assert opt.num_skipped_steps == 0
+    assert opt.last_grad_norm == pytest.approx(1e20 * numel**0.5, rel=1e-6)
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    opt.step()
+    assert opt.num_skipped_steps == 1
 
 
 def test_memory_report_is_measured_and_fp32_has_no_master_copy():

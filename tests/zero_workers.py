@@ -379,11 +379,22 @@ def checkpoints(rank: int, world: int) -> dict[str, float]:
 def mismatch(rank: int, world: int) -> dict[str, str]:
     """Ranks that disagree on parameters must all raise, not hang."""
     out = {kind: _mismatch(rank, kind) for kind in ("extra", "shape")}
-    try:
-        shardopt.ZeroOptimizer(TinyLM().parameters(), shardopt.AdamW, stage=1 + rank % 2)
-        out["stage"] = "no error"
-    except ValueError as err:
-        out["stage"] = str(err)
+    # Settings that change the result or the collectives: each must differ on one rank only.
+    variants = {
+        "stage": ({}, {"stage": 1}),
+        "lr": ({}, {"lr": 0.02}),
+        "amsgrad": ({}, {"amsgrad": True}),
+        "max_grad_norm": ({"max_grad_norm": 1.0}, {"max_grad_norm": 2.0}),
+        "class": ({}, {"optimizer_class": shardopt.Adam}),
+        "reduce_dtype": ({}, {"precision": shardopt.PrecisionPolicy(reduce_dtype=torch.bfloat16)}),
+    }
+    for name, (mine, other) in variants.items():
+        kwargs = {"optimizer_class": shardopt.AdamW, "lr": 0.01, **(other if rank == 1 else mine)}
+        try:
+            shardopt.ZeroOptimizer(TinyLM().parameters(), **kwargs)
+            out[name] = "no error"
+        except ValueError as err:
+            out[name] = str(err)
     return out
 
 

@@ -118,6 +118,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
     ) -> None:
         if stage not in (1, 2) or isinstance(stage, bool):
             raise ValueError(f"Invalid stage: {stage!r} (expected 1 or 2)")
+        if isinstance(bucket_numel, bool) or not isinstance(bucket_numel, int) or bucket_numel < 1:
+            raise ValueError(f"Invalid bucket_numel: {bucket_numel!r} (expected an int >= 1)")
+        if precision is not None and not isinstance(precision, PrecisionPolicy):
+            raise TypeError(f"Invalid precision: {precision!r} (expected a shardopt.PrecisionPolicy, e.g. "
+                            "PrecisionPolicy(reduce_dtype=torch.bfloat16), or None)")
+        if not isinstance(overlap, bool):
+            raise TypeError(f"Invalid overlap: {overlap!r} (expected True or False)")
         if max_grad_norm is not None and not (
             isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf
         ):
@@ -222,9 +229,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """
         if not self.comm.active:
             return
-        settings = {"stage": self.stage, "reduce_dtype": str(self.precision.reduce_dtype),
-                    "bucket_numel": self.plan.bucket_numel, "max_grad_norm": self.max_grad_norm is not None,
-                    "matrix_layout": self.plan.matrix_layout}
+        settings = self._settings()
         mine = digest_tensor(repr((self.plan.fingerprint(), sorted(settings.items()))), self.device)
         gathered = torch.empty(self.comm.world_size * mine.numel(), dtype=mine.dtype, device=self.device)
         self.comm.all_gather_into(gathered, mine)
@@ -239,12 +244,25 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     f"Invalid params: ranks hold different parameters; first mismatch at "
                     f"trainable parameter #{position}: {detail}"
                 )
-        for key in settings:
-            values = [v[1][key] for v in views]
+        keys = list(dict.fromkeys(key for v in views for key in v[1]))
+        for key in keys:
+            values = [v[1].get(key, "<not set>") for v in views]
             if len(set(values)) > 1:
                 listed = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
                 raise ValueError(f"Invalid {key}: ranks disagree ({listed})")
         raise ValueError("Invalid params: ranks disagree on parameter groups or granularity")
+
+    def _settings(self) -> dict[str, str]:
+        """Every setting that changes the result or the collectives, as text to compare across ranks."""
+        settings = {"stage": self.stage, "optimizer_class": type(self.inner).__qualname__,
+                    "reduce_dtype": self.precision.reduce_dtype, "master_dtype": self.precision.master_dtype,
+                    "bucket_numel": self.plan.bucket_numel, "max_grad_norm": self.max_grad_norm,
+                    "matrix_layout": self.plan.matrix_layout}
+        for index, group in enumerate(self.param_groups):
+            for key, value in sorted(group.items()):
+                if key not in ("params", "param_names"):
+                    settings[f"param_groups[{index}]['{key}']"] = value
+        return {key: repr(value) for key, value in settings.items()}
 
     def _make_storage(self, storage: Storage) -> StorageBuffers:
         first = self.params[storage.slots[0].param]
@@ -269,6 +287,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------- step
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim's; also discards the gradients of a failed backward (see :meth:`step`)."""
+        super().zero_grad(set_to_none)
+        if self.reducer.failed is not None:
+            self.reducer.discard()
+
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Accumulate gradients locally (full size, in ``p.grad``) without communicating.
@@ -287,6 +311,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         if self.closed:
             raise RuntimeError("ZeroOptimizer.step(): this optimizer was closed; build a new one")
+        if self.reducer.failed is not None:
+            raise RuntimeError(f"ZeroOptimizer.step(): a backward failed since the last step ({self.reducer.failed}); "
+                               "its gradients are incomplete: call zero_grad() and run backward again")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -298,6 +325,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for grad in grads:
             if grad.numel():
                 stats[0] += torch.linalg.vector_norm(grad, dtype=torch.float32).double() ** 2
+        if not bool(torch.isfinite(stats[0])):
+            # fp32 squares overflow above ~1.8e19: tell large finite gradients from
+            # non-finite ones in float64 (this branch is the rare one).
+            stats[0] = sum(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads if g.numel())
         stats[1] = float(not bool(torch.isfinite(stats[0])))
         self.comm.all_reduce_sum(stats)
         sum_sq, num_nonfinite = stats.tolist()

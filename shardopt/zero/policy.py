@@ -39,3 +39,14 @@ class PrecisionPolicy:
 
     reduce_dtype: torch.dtype | None = torch.float32
     master_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        # A non-float reduce dtype would round every gradient to zero and freeze training silently.
+        if self.reduce_dtype is not None and not (
+            isinstance(self.reduce_dtype, torch.dtype) and self.reduce_dtype.is_floating_point
+        ):
+            raise ValueError(f"Invalid reduce_dtype: {self.reduce_dtype!r} (expected a floating torch.dtype "
+                             "such as torch.float32 or torch.bfloat16, or None for the parameters' dtype)")
+        if not (isinstance(self.master_dtype, torch.dtype) and self.master_dtype.is_floating_point):
+            raise ValueError(f"Invalid master_dtype: {self.master_dtype!r} (expected a floating torch.dtype "
+                             "such as torch.float32)")

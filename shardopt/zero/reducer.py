@@ -90,6 +90,8 @@ class GradientReducer:
         # peak of their sum this step (what the planner's window predicts).
         self.unit_bytes: dict[int, int] = {}
         self.peak_buffer_bytes = 0
+        # Why this step's gradients are unusable (a hook raised), until discard().
+        self.failed: str | None = None
         self.handles = [
             param.register_post_accumulate_grad_hook(self._make_hook(index))
             for index, param in params.items()
@@ -113,11 +115,16 @@ class GradientReducer:
     def take_grad(self, index: int, param: Tensor) -> None:
         """Move ``param.grad`` into its reduction buffer; ``None`` means a zero gradient."""
         if index in self.arrived or self.finished:
-            raise RuntimeError(
+            # Autograd has already added this gradient to p.grad, which at stage 1 is a
+            # view of the reduced gradient: the step's gradients are no longer what any
+            # backward computed. step() refuses them until zero_grad() discards them.
+            self.failed = (
                 f"{self.label(param)} received a second gradient before step(): "
                 "accumulate micro-batches inside ZeroOptimizer.no_sync() and run the last "
                 "backward outside it"
             )
+            raise RuntimeError(f"{self.failed}; this step's gradients are now incomplete: call zero_grad() "
+                               "and run backward again")
         grad = param.grad
         if grad is not None:
             if grad.is_sparse:
@@ -240,3 +247,11 @@ class GradientReducer:
         self.finished = False
         self.arrived.clear()
         self.schedule.reset()
+
+    def discard(self) -> None:
+        """Drop this step's gradients (after a failed backward) and start a new step."""
+        for position in self.schedule.drain():
+            self._complete(position)
+        self._callback_queued = False  # the failed backward never ran its callback
+        self.failed = None
+        self.reset()
