@@ -32,15 +32,22 @@ DEFAULT_ADAMW_EXCLUDE = ("embed", "wte", "wpe", "lm_head", "output", "head")
 class Muon(RuleOptimizer):
     """Muon (matrix groups) with an AdamW remainder (``use_muon=False`` groups).
 
-    The keyword arguments are torch.optim.Muon's, and apply to Muon groups. The
-    ``adamw_*`` keywords are the defaults of ``use_muon=False`` groups; any key
-    set in a group wins.
+    The keyword arguments are torch.optim.Muon's (``lr`` may be a 1-element Tensor), and
+    apply to Muon groups. The ``adamw_*`` keywords are the defaults of ``use_muon=False``
+    groups; any key set in a group wins. ``ns_dtype`` and ``use_muon`` are shardopt's own
+    group keys: a torch.optim.Muon checkpoint lacks them and loads with torch's semantics,
+    ``ns_dtype="bfloat16"`` and ``use_muon=True`` (:meth:`checkpoint_group`), whatever
+    this optimizer was constructed with.
+
+    Beyond torch.optim.Muon, which refuses every parameter that is not 2-D, Muon
+    groups take stacks of matrices (3-D, one matrix per slice) and conv kernels
+    (as ``(out, rest)``); 0-D and 1-D parameters are refused with torch's ValueError.
     """
 
     def __init__(
         self,
         params: ParamsT,
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         weight_decay: float = 0.1,
         momentum: float = 0.95,
         nesterov: bool = True,

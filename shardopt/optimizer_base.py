@@ -1,10 +1,29 @@
 """Single-process optimizers that execute an :class:`~shardopt.rules.UpdateRule`.
 
-:class:`RuleOptimizer` is a real ``torch.optim.Optimizer``: param groups,
-``state_dict``/``load_state_dict`` in torch.optim's format and state names,
-``zero_grad``, closures and torch LR schedulers all behave as in torch.optim.
-Its only job is bookkeeping: gather parameters with gradients, allocate state
-from the rule's declaration, and hand explicit tensors to the rule.
+:class:`RuleOptimizer` is a real ``torch.optim.Optimizer``: param groups (named
+ones too, with torch's ``param_names``), ``state_dict``/``load_state_dict`` in
+torch.optim's format and state names, ``zero_grad``, closures and torch LR
+schedulers all behave as in torch.optim. Its only job is bookkeeping: gather
+parameters with gradients, allocate state from the rule's declaration, and hand
+explicit tensors to the rule.
+
+Implementation flags. torch.optim's ``foreach``, ``fused``, ``differentiable``
+and ``capturable`` are accepted, kept in the param groups (state dicts keep
+torch's keys) and checked as torch checks them, but shardopt runs one
+implementation whatever they say: the operation order of torch.optim's default
+single-tensor path, so results are bitwise those of torch with the flags off.
+With ``fused=True`` or ``capturable=True``, ``step`` lives on the parameter's
+device, as torch keeps it then (and as torch moves it on load); the step is not
+fused into one kernel and cannot be captured in a CUDA graph: per-step scalars
+are read to the host once per param group and step. ``differentiable=True``
+does not make the step differentiable (it runs under ``torch.no_grad``); torch's
+capturable and differentiable paths compute the same update in another order,
+so they may differ from shardopt (and from torch's default path) in the last bits.
+
+Host synchronisation. ``step`` is kept on the CPU, as torch.optim does without
+``capturable``/``fused``, and every per-step scalar (step counts, bias
+corrections, a Tensor ``lr``) is read in one transfer per group, never once per
+parameter (:mod:`shardopt.rules.scalars`).
 """
 
 from __future__ import annotations
@@ -15,53 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .rules.base import STEP, UpdateRule, allocate_state, apply_update
+from .rules.base import StateShape, UpdateRule, apply_update
+from .rules.state_check import check_loaded_state
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
-
-
-def normalize_params(params: ParamsT) -> tuple[list[dict[str, Any]], dict[int, str]]:
-    """Param groups as dicts, and a readable label per parameter id.
-
-    Accepts an iterable of tensors, of param-group dicts, or of ``(name, tensor)``
-    pairs (``model.named_parameters()``), also inside a group's ``params``.
-    """
-    if isinstance(params, Tensor):
-        raise TypeError(
-            "Invalid params: expected an iterable of Tensors, dicts or (name, Tensor) pairs, "
-            f"got a single Tensor of shape {tuple(params.shape)}"
-        )
-    items = list(params)
-    if not items:
-        raise ValueError("Invalid params: optimizer got an empty parameter list")
-    groups = items if isinstance(items[0], dict) else [{"params": items}]
-    labels: dict[int, str] = {}
-    normalized = []
-    for group_index, group in enumerate(groups):
-        if not isinstance(group, dict):
-            raise TypeError(
-                f"Invalid params: param_groups[{group_index}] is a {type(group).__name__}; "
-                "mixing dicts and tensors is not supported"
-            )
-        group = dict(group)
-        raw = group["params"]
-        raw = [raw] if isinstance(raw, Tensor) else list(raw)
-        tensors = []
-        for index, item in enumerate(raw):
-            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor):
-                name, tensor = item
-            else:
-                name, tensor = f"param_groups[{group_index}]['params'][{index}]", item
-            if not isinstance(tensor, Tensor):
-                raise TypeError(
-                    f"Invalid params: param_groups[{group_index}]['params'][{index}] is a "
-                    f"{type(tensor).__name__}, expected a Tensor"
-                )
-            labels.setdefault(id(tensor), str(name))
-            tensors.append(tensor)
-        group["params"] = tensors
-        normalized.append(group)
-    return normalized, labels
 
 
 class RuleOptimizer(torch.optim.Optimizer):
@@ -74,8 +50,27 @@ class RuleOptimizer(torch.optim.Optimizer):
     rule: UpdateRule
 
     def __init__(self, params: ParamsT, defaults: Mapping[str, Any]) -> None:
-        groups, self._param_labels = normalize_params(params)
-        super().__init__(groups, dict(defaults))
+        defaults = dict(defaults)
+        # Hyperparameters before parameters, as torch.optim checks them: a bad lr is
+        # named even when params is None or empty.
+        self.rule_for_group(defaults).validate(defaults)
+        if isinstance(params, Tensor):
+            raise TypeError(
+                "Invalid params: params argument given to the optimizer should be an iterable of "
+                f"Tensors or dicts, but got a single Tensor of shape {tuple(params.shape)}"
+            )
+        items = list(params)
+        if not items:
+            raise ValueError("Invalid params: optimizer got an empty parameter list")
+        if isinstance(items[0], dict):
+            for index, group in enumerate(items):
+                if not isinstance(group, dict):
+                    raise TypeError(f"Invalid params: param_groups[{index}] is a {type(group).__name__}; "
+                                    "mixing dicts and tensors is not supported")
+        self._param_labels: dict[int, str] = {}
+        # torch.optim.Optimizer takes tensors, dicts and (name, tensor) pairs, and keeps
+        # the names as each group's "param_names" (and refuses named and unnamed mixed).
+        super().__init__(items, defaults)
 
     def rule_for_group(self, group: Mapping[str, Any]) -> UpdateRule:
         return self.rule
@@ -95,29 +90,36 @@ class RuleOptimizer(torch.optim.Optimizer):
         return labels.get(id(param), f"parameter of shape {tuple(param.shape)}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        labels = getattr(self, "_param_labels", None)
-        if labels is None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        if not hasattr(self, "_param_labels"):
             self._param_labels = {}
-        if isinstance(param_group.get("params"), (list, tuple)) and any(
-            isinstance(p, tuple) for p in param_group["params"]
-        ):
-            (param_group,), new_labels = normalize_params([param_group])
-            self._param_labels.update(new_labels)
+        index = len(self.param_groups)
+        raw = param_group.get("params")
+        if raw is not None and not isinstance(raw, (Tensor, set)):
+            raw = param_group["params"] = list(raw)
+            for position, item in enumerate(raw):
+                tensor = item[1] if isinstance(item, tuple) and len(item) == 2 else item
+                if not isinstance(tensor, Tensor):
+                    raise TypeError(
+                        f"Invalid params: param_groups[{index}]['params'][{position}] is a "
+                        f"{type(tensor).__name__}, expected a Tensor (optimizer can only optimize Tensors)")
         self.fill_group_defaults(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        rule = self.rule_for_group(group)
+        names = group.get("param_names")
+        labels = [str(names[i]) if names else f"param_groups[{index}]['params'][{i}]"
+                  for i in range(len(group["params"]))]
         try:
+            rule = self.rule_for_group(group)
             rule.validate(group)
-        except (TypeError, ValueError):
+            for param, label in zip(group["params"], labels):
+                rule.check_param(param, label)
+        except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
-        for param in group["params"]:
-            try:
-                rule.check_param(param, self.param_label(param))
-            except (TypeError, ValueError):
-                self.param_groups.pop()
-                raise
+        for param, label in zip(group["params"], labels):
+            self._param_labels.setdefault(id(param), label)
 
     def fill_group_defaults(self, param_group: dict[str, Any]) -> None:
         """Hook for optimizers whose defaults depend on the group (Muon)."""
@@ -130,14 +132,86 @@ class RuleOptimizer(torch.optim.Optimizer):
         state = self.state[param]
         loaded = bool(state)
         for spec in specs:
-            if spec.name not in state:
-                (tensor,) = allocate_state((spec,), param).values()
-                if spec is STEP and loaded:
-                    # A torch.optim checkpoint without "step" (SGD keeps none) whose
+            if spec.name in state:
+                continue
+            dtype = spec.resolved_dtype(param.dtype)
+            if spec.shape is StateShape.SCALAR:
+                # torch.optim keeps step on the CPU unless capturable or fused
+                # (note [special device hosting for step] in torch/optim/optimizer.py).
+                device = param.device if group.get("capturable") or group.get("fused") else torch.device("cpu")
+                tensor = torch.full((), spec.init, dtype=dtype, device=device)
+                if spec.name == "step" and loaded:
+                    # A checkpoint without "step" (torch.optim.SGD keeps none) whose
                     # buffers are already filled: the next step is not the first.
                     tensor.fill_(1.0)
-                state[spec.name] = tensor
+            else:
+                tensor = torch.full_like(param, spec.init, dtype=dtype, memory_format=torch.preserve_format)
+            state[spec.name] = tensor
         return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict, with torch's state names only (a rule's
+        :meth:`~shardopt.rules.UpdateRule.hidden_state` is left out and rebuilt on load)."""
+        packed = super().state_dict()
+        for group in packed["param_groups"]:
+            hidden = self.rule_for_group(group).hidden_state(group)
+            for index in group["params"] if hidden else ():
+                if index in packed["state"]:
+                    entry = packed["state"][index]
+                    packed["state"][index] = {k: v for k, v in entry.items() if k not in hidden}
+        return packed
+
+    def checkpoint_group(self, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """A saved param group with the keys it lacks filled so that it continues as the
+        optimizer that saved it would: a torch.optim checkpoint lacks shardopt-only keys
+        (Muon's ``ns_dtype``) and an older torch's lacks newer flags; each gets its rule's
+        default, the value that reproduces torch's behaviour, not this optimizer's
+        constructor arguments."""
+        group = dict(saved)
+        rule = self.rule_for_group(group)
+        for key, value in {**self.defaults, **rule.defaults}.items():
+            group.setdefault(key, value)
+        return group
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Load a state dict of this optimizer or of its torch.optim counterpart.
+
+        Everything is checked before anything changes: the group sizes, every group's
+        hyperparameters (after :meth:`checkpoint_group` fills what it lacks), and every
+        parameter's state against its rule (names, sizes). A checkpoint this optimizer
+        cannot continue exactly as its saver would is refused with the first problem named.
+        """
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("Invalid state_dict: expected a dict with 'state' and 'param_groups', "
+                             "as Optimizer.state_dict() returns")
+        saved_groups = list(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has a different number of parameter groups "
+                             f"({len(saved_groups)}, this optimizer has {len(self.param_groups)})")
+        if any(len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)):
+            raise ValueError(
+                "loaded state dict contains a parameter group that doesn't match the size of optimizer's "
+                f"group (sizes {[len(s['params']) for s in saved_groups]}, this optimizer's "
+                f"{[len(g['params']) for g in self.param_groups]})")
+        groups, states = [], dict(state_dict["state"])
+        for index, (saved, current) in enumerate(zip(saved_groups, self.param_groups)):
+            group = self.checkpoint_group(saved)
+            rule = self.rule_for_group(group)
+            try:
+                rule.validate(group)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"Invalid state_dict: param_groups[{index}]: {error}") from error
+            for key, param in zip(saved["params"], current["params"]):
+                entry = states.get(key)
+                if entry is None:
+                    continue
+                where = f"state[{key!r}] ({self.param_label(param)})"
+                check_loaded_state(rule, group, param, entry, where)
+                if not isinstance(entry.get("step", torch.zeros(())), Tensor):
+                    # Checkpoints of old torch versions keep step as a number.
+                    states[key] = {**entry, "step": torch.tensor(float(entry["step"]), dtype=torch.float32)}
+            groups.append(group)
+        super().load_state_dict({**state_dict, "state": states, "param_groups": groups})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

@@ -185,14 +185,9 @@ def test_state_names_equal_torch(name, kwargs):
             assert theirs_group[key] == value, key
     for index, theirs_state in theirs_sd["state"].items():
         ours_keys, theirs_keys = set(ours_sd["state"][index]), set(theirs_state)
-        if name == "SGD" and kwargs.get("dampening", 0) != 0:
-            # Dampened momentum keeps a "step" counter to know the first step
-            # (torch.optim.SGD tests for a missing buffer instead); torch
-            # ignores the extra entry when loading.
-            assert ours_keys - theirs_keys == {"step"}
-            assert theirs_keys <= ours_keys
-        else:
-            assert ours_keys == theirs_keys
+        # Equal, SGD's dampened momentum included: its "step" counter (to know the
+        # first step; torch.optim.SGD tests for a missing buffer) stays out of state_dict().
+        assert ours_keys == theirs_keys
 
 
 def test_sgd_without_momentum_keeps_no_state_like_torch():

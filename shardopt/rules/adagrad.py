@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import STEP, StateSpec, UpdateRule, check_bool, check_nonneg, increment_steps
+from .base import STEP, StateSpec, UpdateRule, increment_steps
+from .checks import IMPL_FLAGS, check_bool, check_impl_flags, check_nonneg
+from .scalars import as_scalar, host_floats, per_distinct
 
 
 class AdagradRule(UpdateRule):
@@ -32,15 +34,17 @@ class AdagradRule(UpdateRule):
         "initial_accumulator_value": 0.0,
         "eps": 1e-10,
         "maximize": False,
+        **IMPL_FLAGS,
     }
 
     def validate(self, hp: Mapping[str, Any]) -> None:
-        check_nonneg("lr", hp["lr"])
+        check_nonneg("lr", hp["lr"], allow_tensor=True)
         check_nonneg("lr_decay", hp["lr_decay"])
         check_nonneg("weight_decay", hp["weight_decay"])
         check_nonneg("initial_accumulator_value", hp["initial_accumulator_value"])
         check_nonneg("eps", hp["eps"])
         check_bool("maximize", hp["maximize"])
+        check_impl_flags(hp)
 
     def state_specs(self, hp: Mapping[str, Any]) -> tuple[StateSpec, ...]:
         return (STEP, StateSpec("sum", init=float(hp["initial_accumulator_value"])))
@@ -55,7 +59,7 @@ class AdagradRule(UpdateRule):
     ) -> None:
         if not params:
             return
-        lr, lr_decay, weight_decay = hp["lr"], hp["lr_decay"], hp["weight_decay"]
+        lr, lr_decay, weight_decay = as_scalar(hp["lr"]), hp["lr_decay"], hp["weight_decay"]
         steps = increment_steps(states)
         sums = [state["sum"] for state in states]
         if hp["maximize"]:
@@ -65,5 +69,7 @@ class AdagradRule(UpdateRule):
         torch._foreach_addcmul_(sums, grads, grads, value=1)
         std = torch._foreach_sqrt(sums)
         torch._foreach_add_(std, hp["eps"])
-        neg_rates = [-(lr / (1 + (step - 1) * lr_decay)) for step in steps]
+        # torch's expression on torch's types (a Tensor lr divides in its own dtype),
+        # once per distinct step, read to the host at once.
+        neg_rates = host_floats(per_distinct(steps, lambda step: -(lr / (1 + (step - 1) * lr_decay))))
         torch._foreach_addcdiv_(params, grads, std, neg_rates)

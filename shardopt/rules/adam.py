@@ -26,18 +26,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import (
-    STEP,
-    StateSpec,
-    UpdateRule,
-    check_betas,
-    check_bool,
-    check_nonneg,
-    increment_steps,
-)
+from .base import STEP, StateSpec, UpdateRule, increment_steps
+from .checks import IMPL_FLAGS, check_betas, check_bool, check_impl_flags, check_nonneg
+from .scalars import as_scalar, host_floats, per_distinct
 
 
 class AdamRule(UpdateRule):
+    """Adam; ``decoupled_weight_decay=True`` in a group gives AdamW's decay, as
+    torch.optim.Adam's argument of that name does."""
+
     name = "adam"
     decoupled_weight_decay = False
     defaults = {
@@ -47,15 +44,26 @@ class AdamRule(UpdateRule):
         "weight_decay": 0.0,
         "amsgrad": False,
         "maximize": False,
+        "capturable": False,
+        "decoupled_weight_decay": False,
+        **IMPL_FLAGS,
     }
 
     def validate(self, hp: Mapping[str, Any]) -> None:
-        check_nonneg("lr", hp["lr"])
-        check_betas(hp["betas"])
+        # torch.optim.Adam takes a 1-element Tensor lr and Tensor betas (both or neither).
+        check_nonneg("lr", hp["lr"], allow_tensor=True)
         check_nonneg("eps", hp["eps"])
+        check_betas(hp["betas"], allow_tensor=True)
         check_nonneg("weight_decay", hp["weight_decay"])
         check_bool("amsgrad", hp["amsgrad"])
         check_bool("maximize", hp["maximize"])
+        check_bool("decoupled_weight_decay", hp.get("decoupled_weight_decay", False))
+        check_impl_flags(hp, ("lr", "betas"))
+
+    def decoupled(self, hp: Mapping[str, Any]) -> bool:
+        """Whether weight decay is decoupled: always for AdamW (torch.optim.AdamW forces
+        the flag on load too), per group for Adam."""
+        return self.decoupled_weight_decay or bool(hp.get("decoupled_weight_decay", False))
 
     def state_specs(self, hp: Mapping[str, Any]) -> tuple[StateSpec, ...]:
         specs = (STEP, StateSpec("exp_avg"), StateSpec("exp_avg_sq"))
@@ -73,34 +81,43 @@ class AdamRule(UpdateRule):
     ) -> None:
         if not params:
             return
-        lr, eps, weight_decay = hp["lr"], hp["eps"], hp["weight_decay"]
-        beta1, beta2 = hp["betas"]
+        lr, eps, weight_decay = as_scalar(hp["lr"]), hp["eps"], hp["weight_decay"]
+        beta1, beta2 = (as_scalar(beta) for beta in hp["betas"])
         steps = increment_steps(states)
+        # torch's scalar expressions on torch's types: a Tensor lr or beta keeps the
+        # arithmetic in its dtype (rounding as torch.optim.Adam's default path does),
+        # once per distinct step; every Tensor among them is read in one transfer.
+        per_step = per_distinct(steps, lambda step: (
+            (1 - beta2**step) ** 0.5, -(lr / (1 - beta1**step))))
+        count = len(per_step)
+        fixed = [1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay]
+        values = host_floats([v for pair in per_step for v in pair] + fixed)
+        bias2_sqrt, neg_step_sizes = values[0 : 2 * count : 2], values[1 : 2 * count : 2]
+        weight1, beta2_value, weight2, decay = values[2 * count :]
         exp_avgs = [state["exp_avg"] for state in states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
         if hp["maximize"]:
             grads = torch._foreach_neg(grads)
         if weight_decay != 0:
-            if self.decoupled_weight_decay:
-                torch._foreach_mul_(params, 1 - lr * weight_decay)
+            if self.decoupled(hp):
+                torch._foreach_mul_(params, decay)
             else:
                 grads = torch._foreach_add(grads, params, alpha=weight_decay)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        torch._foreach_lerp_(exp_avgs, grads, weight1)
+        torch._foreach_mul_(exp_avg_sqs, beta2_value)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=weight2)
         if hp["amsgrad"]:
             max_sqs = [state["max_exp_avg_sq"] for state in states]
             torch._foreach_maximum_(max_sqs, exp_avg_sqs)
             denom = torch._foreach_sqrt(max_sqs)
         else:
             denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, [(1 - beta2**step) ** 0.5 for step in steps])
+        torch._foreach_div_(denom, bias2_sqrt)
         torch._foreach_add_(denom, eps)
-        neg_step_sizes = [-(lr / (1 - beta1**step)) for step in steps]
         torch._foreach_addcdiv_(params, exp_avgs, denom, neg_step_sizes)
 
 
 class AdamWRule(AdamRule):
     name = "adamw"
     decoupled_weight_decay = True
-    defaults = {**AdamRule.defaults, "weight_decay": 1e-2}
+    defaults = {**AdamRule.defaults, "weight_decay": 1e-2, "decoupled_weight_decay": True}

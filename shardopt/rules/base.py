@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import abc
 import enum
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -26,6 +25,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 from torch.profiler import record_function
+
+from .checks import UnsupportedParamError, check_betas, check_bool, check_nonneg, check_unit_interval
+from .scalars import step_values
 
 
 class Granularity(enum.Enum):
@@ -95,38 +97,11 @@ def allocate_state(
     return state
 
 
-# ---------------------------------------------------------------------------
-# Validation helpers shared by every rule: each names the argument and what was
-# expected, in torch.optim's style.
-
-
-def check_nonneg(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Invalid {name}: {value!r} (expected a float >= 0)")
-    if not math.isfinite(value) or value < 0.0:
-        raise ValueError(f"Invalid {name}: {value} (expected a finite value >= 0)")
-
-
-def check_unit_interval(name: str, value: Any, *, closed_low: bool = True) -> None:
-    """``value`` in [0, 1) (or (0, 1) when ``closed_low`` is False)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Invalid {name}: {value!r} (expected a float in [0, 1))")
-    low_ok = value >= 0.0 if closed_low else value > 0.0
-    if not (math.isfinite(value) and low_ok and value < 1.0):
-        interval = "[0, 1)" if closed_low else "(0, 1)"
-        raise ValueError(f"Invalid {name}: {value} (expected a value in {interval})")
-
-
-def check_betas(value: Any, count: int = 2) -> None:
-    if not isinstance(value, (tuple, list)) or len(value) != count:
-        raise TypeError(f"Invalid betas: {value!r} (expected a tuple of {count} floats)")
-    for index, beta in enumerate(value):
-        check_unit_interval(f"beta parameter at index {index}", beta)
-
-
-def check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"Invalid {name}: {value!r} (expected True or False)")
+# Validation helpers live in .checks; re-exported here for the rules that import them from .base.
+__all__ = [
+    "STEP", "Granularity", "MatrixRule", "StateShape", "StateSpec", "UpdateRule", "allocate_state",
+    "apply_update", "check_betas", "check_bool", "check_nonneg", "check_unit_interval", "increment_steps",
+]
 
 
 class UpdateRule(abc.ABC):
@@ -163,6 +138,12 @@ class UpdateRule(abc.ABC):
     ) -> None:
         """Update ``params`` and ``states`` in place from explicit ``grads``."""
 
+    def hidden_state(self, hp: Mapping[str, Any]) -> frozenset[str]:
+        """State names this rule keeps that torch.optim's counterpart does not (SGD's
+        ``step``): the single-process optimizers leave them out of ``state_dict()``, so
+        their state dicts have torch's keys, and rebuild them on load."""
+        return frozenset()
+
     def state_bytes(self, hp: Mapping[str, Any], numel: int, dtype: torch.dtype) -> int:
         """Bytes of state for one parameter (or region) of ``numel`` elements."""
         return sum(spec.nbytes(numel, dtype) for spec in self.state_specs(hp))
@@ -170,12 +151,12 @@ class UpdateRule(abc.ABC):
     def check_param(self, param: Tensor, label: str) -> None:
         """Reject parameters this rule cannot update; ``label`` names it."""
         if param.is_complex():
-            raise TypeError(
-                f"{label}: complex parameters are not supported by {self.name} "
-                "(view them as real with torch.view_as_real)"
+            raise UnsupportedParamError(
+                f"{label}: {type(self).__name__.removesuffix('Rule')} does not support complex "
+                "parameters (view them as real with torch.view_as_real)"
             )
         if not param.is_floating_point():
-            raise TypeError(f"{label}: expected a floating-point parameter, got {param.dtype}")
+            raise UnsupportedParamError(f"{label}: expected a floating-point parameter, got {param.dtype}")
 
 
 class MatrixRule(UpdateRule):
@@ -276,11 +257,13 @@ class MatrixRule(UpdateRule):
 
 
 def increment_steps(states: list[dict[str, Tensor]]) -> list[float]:
-    """Add one to each ``step`` state and return the new values as Python floats."""
+    """Add one to each ``step`` state and return the new values as Python floats,
+    read in one transfer per device (:func:`~.scalars.step_values`), not one per parameter."""
     steps = [state["step"] for state in states]
-    if steps:
-        torch._foreach_add_(steps, 1.0)
-    return [float(step.item()) for step in steps]
+    if not steps:
+        return []
+    torch._foreach_add_(steps, 1.0)
+    return step_values(steps)
 
 
 # Elementwise rules run torch._foreach_* ops, whose out-of-place results (Adam's

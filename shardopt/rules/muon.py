@@ -34,15 +34,10 @@ from torch import Tensor
 from torch.autograd import DeviceType
 from torch.profiler import record_function
 
-from .base import (
-    Granularity,
-    MatrixRule,
-    StateSpec,
-    check_bool,
-    check_nonneg,
-    check_unit_interval,
-)
+from .base import Granularity, MatrixRule, StateSpec
+from .checks import check_bool, check_nonneg, check_unit_interval
 from .newton_schulz import as_matrices, matrix_shape, newton_schulz_flops, orthogonalize, resolve_coefficients
+from .scalars import as_scalar, host_floats
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -111,7 +106,7 @@ class MuonRule(MatrixRule):
     }
 
     def validate(self, hp: Mapping[str, Any]) -> None:
-        check_nonneg("lr", hp["lr"])
+        check_nonneg("lr", hp["lr"], allow_tensor=True)  # torch.optim.Muon takes a 1-element Tensor lr
         check_nonneg("weight_decay", hp["weight_decay"])
         check_unit_interval("momentum", hp["momentum"])
         check_bool("nesterov", hp["nesterov"])
@@ -124,7 +119,8 @@ class MuonRule(MatrixRule):
         resolve_coefficients(hp["ns_coefficients"])
         if hp["adjust_lr_fn"] not in ADJUST_LR_FNS:
             raise ValueError(
-                f"Invalid adjust_lr_fn: {hp['adjust_lr_fn']!r} (expected one of {ADJUST_LR_FNS})"
+                f"Adjust learning rate function {hp['adjust_lr_fn']} is not supported "
+                f"(Invalid adjust_lr_fn: {hp['adjust_lr_fn']!r}; expected one of {ADJUST_LR_FNS})"
             )
         resolve_ns_dtype(hp["ns_dtype"])
 
@@ -132,7 +128,8 @@ class MuonRule(MatrixRule):
         super().check_param(param, label)
         if param.ndim < 2:
             raise ValueError(
-                f"{label}: Muon updates matrices, got a {param.ndim}-D parameter of shape "
+                f"{label}: Muon only supports 2D parameters (and, in shardopt, stacks of matrices and "
+                f"conv kernels), got a {param.ndim}-D parameter of shape "
                 f"{tuple(param.shape)}; put it in a param group with use_muon=False "
                 "(shardopt.muon_param_groups does this)"
             )
@@ -259,9 +256,25 @@ class MuonRule(MatrixRule):
         # ns_dtype, so slices travel in it at no change of result: bf16 halves the bytes.
         return resolve_ns_dtype(hp["ns_dtype"])
 
+    def host_scalars(self, hp: Mapping[str, Any], shapes: Sequence[tuple[int, ...]]) -> dict[str, Any]:
+        """``hp`` with the decay factor and each shape's step size as Python floats, read
+        in one transfer when ``lr`` is a Tensor (torch.optim.Muon computes ``1 - lr * wd``
+        and ``lr * scale`` in the Tensor's dtype, then uses them as scalars)."""
+        lr = as_scalar(hp["lr"])
+        scales = sorted({lr_scale(hp["adjust_lr_fn"], *matrix_shape(shape)) for shape in shapes})
+        values = host_floats([1 - lr * hp["weight_decay"], *(-(lr * scale) for scale in scales)])
+        return {**hp, "_decay": values[0], "_neg_step": dict(zip(scales, values[1:]))}
+
+    def update(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+               hp: Mapping[str, Any]) -> None:
+        if params:
+            super().update(params, grads, states, self.host_scalars(hp, [tuple(p.shape) for p in params]))
+
     @torch.no_grad()
     def finish(self, param: Tensor, update: Tensor, shape: tuple[int, ...], hp: Mapping[str, Any]) -> None:
-        lr, weight_decay = hp["lr"], hp["weight_decay"]
-        if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
-        param.add_(update.reshape(param.shape), alpha=-lr * lr_scale(hp["adjust_lr_fn"], *matrix_shape(shape)))
+        scale = lr_scale(hp["adjust_lr_fn"], *matrix_shape(shape))
+        if "_decay" not in hp:  # called directly (ZeRO's MatrixStep), not through update()
+            hp = self.host_scalars(hp, [shape])
+        if hp["weight_decay"] != 0:
+            param.mul_(hp["_decay"])
+        param.add_(update.reshape(param.shape), alpha=hp["_neg_step"][scale])

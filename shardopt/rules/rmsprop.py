@@ -21,15 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import (
-    STEP,
-    StateSpec,
-    UpdateRule,
-    check_bool,
-    check_nonneg,
-    check_unit_interval,
-    increment_steps,
-)
+from .base import STEP, StateSpec, UpdateRule, increment_steps
+from .checks import check_bool, check_impl_flags, check_nonneg, check_unit_interval
+from .scalars import as_scalar, host_floats
 
 
 class RMSpropRule(UpdateRule):
@@ -42,16 +36,20 @@ class RMSpropRule(UpdateRule):
         "momentum": 0.0,
         "centered": False,
         "maximize": False,
+        "capturable": False,
+        "foreach": None,
+        "differentiable": False,
     }
 
     def validate(self, hp: Mapping[str, Any]) -> None:
-        check_nonneg("lr", hp["lr"])
+        check_nonneg("lr", hp["lr"], allow_tensor=True)
         check_unit_interval("alpha", hp["alpha"])
         check_nonneg("eps", hp["eps"])
         check_nonneg("weight_decay", hp["weight_decay"])
         check_nonneg("momentum", hp["momentum"])
         check_bool("centered", hp["centered"])
         check_bool("maximize", hp["maximize"])
+        check_impl_flags(hp)
 
     def state_specs(self, hp: Mapping[str, Any]) -> tuple[StateSpec, ...]:
         specs: tuple[StateSpec, ...] = (STEP, StateSpec("square_avg"))
@@ -71,7 +69,9 @@ class RMSpropRule(UpdateRule):
     ) -> None:
         if not params:
             return
-        lr, alpha, momentum = hp["lr"], hp["alpha"], hp["momentum"]
+        # torch passes -lr as a Python scalar: a Tensor lr converts exactly, one read per step.
+        (lr,) = host_floats([as_scalar(hp["lr"])])
+        alpha, momentum = hp["alpha"], hp["momentum"]
         increment_steps(states)
         square_avgs = [state["square_avg"] for state in states]
         if hp["maximize"]:

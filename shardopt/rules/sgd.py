@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import STEP, StateSpec, UpdateRule, check_bool, check_nonneg
+from .base import STEP, StateSpec, UpdateRule
+from .checks import IMPL_FLAGS, check_bool, check_impl_flags, check_nonneg
+from .scalars import as_scalar, host_floats, step_values
 
 
 class SGDRule(UpdateRule):
@@ -35,20 +37,27 @@ class SGDRule(UpdateRule):
         "weight_decay": 0.0,
         "nesterov": False,
         "maximize": False,
+        **IMPL_FLAGS,
     }
 
     def validate(self, hp: Mapping[str, Any]) -> None:
-        check_nonneg("lr", hp["lr"])
+        # torch.optim.SGD takes a 1-element Tensor lr or weight_decay.
+        check_nonneg("lr", hp["lr"], allow_tensor=True)
         check_nonneg("momentum", hp["momentum"])
         check_nonneg("dampening", hp["dampening"])
-        check_nonneg("weight_decay", hp["weight_decay"])
+        check_nonneg("weight_decay", hp["weight_decay"], allow_tensor=True)
         check_bool("nesterov", hp["nesterov"])
         check_bool("maximize", hp["maximize"])
         if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
             raise ValueError(
-                "Invalid nesterov: True requires momentum > 0 and dampening == 0 "
+                "Invalid nesterov: Nesterov momentum requires a momentum and zero dampening "
                 f"(got momentum={hp['momentum']}, dampening={hp['dampening']})"
             )
+        check_impl_flags(hp)
+
+    def hidden_state(self, hp: Mapping[str, Any]) -> frozenset[str]:
+        # torch.optim.SGD marks the first step by the buffer's absence, not by a count.
+        return frozenset({"step"})
 
     def state_specs(self, hp: Mapping[str, Any]) -> tuple[StateSpec, ...]:
         if hp["momentum"] == 0:
@@ -70,8 +79,10 @@ class SGDRule(UpdateRule):
     ) -> None:
         if not params:
             return
-        lr, momentum, dampening = hp["lr"], hp["momentum"], hp["dampening"]
-        weight_decay = hp["weight_decay"]
+        momentum, dampening = hp["momentum"], hp["dampening"]
+        # torch passes -lr and weight_decay as Python scalars: a Tensor's value is
+        # converted exactly (float32 -> float64), one read per step.
+        lr, weight_decay = host_floats([as_scalar(hp["lr"]), as_scalar(hp["weight_decay"])])
         if hp["maximize"]:
             grads = torch._foreach_neg(grads)
         if weight_decay != 0:
@@ -79,7 +90,7 @@ class SGDRule(UpdateRule):
         if momentum != 0:
             bufs = [state["momentum_buffer"] for state in states]
             if dampening != 0:
-                fresh = [state["step"].item() == 0 for state in states]
+                fresh = [step == 0 for step in step_values([state["step"] for state in states])]
                 for is_fresh, buf, grad in zip(fresh, bufs, grads):
                     if is_fresh:
                         buf.copy_(grad)
