@@ -1,5 +1,8 @@
 """shardopt: ZeRO-sharded optimizers for PyTorch that equal the unsharded ones."""
 
+import importlib
+from types import ModuleType
+
 from .muon_optimizer import Muon, MuonParamGroups, muon_param_groups
 from .optimizer_base import RuleOptimizer
 from .optimizers import SGD, Adagrad, Adam, AdamW, Lion, RMSprop
@@ -39,3 +42,19 @@ __all__ = [
     "muon_param_groups",
     "plan_shards",
 ]
+
+# Subpackages reachable as attributes after a bare ``import shardopt``
+# (``shardopt.dist.init_from_env()``), imported on first use: the planner and
+# the deprecated alias stay out of ``import shardopt`` (the engine never loads
+# the planner; ``shardopt.memory`` warns only when one of its names is used).
+_SUBMODULES = frozenset({"dist", "memory", "planner", "rules", "schedules", "zero"})
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _SUBMODULES)

@@ -17,10 +17,29 @@ Recognised launchers, first match wins:
 Under MPI, when no ``MASTER_ADDR``/``MASTER_PORT`` is given, rank 0 binds a
 free port on ``127.0.0.1`` (single node) or on its host name, and mpi4py
 broadcasts the address, so nothing has to be exported by hand.
+
+Settings read by :func:`init_from_env` (arguments win over variables):
+
+* ``SHARDOPT_BACKEND``: ``gloo`` or ``nccl`` (default: NCCL when a GPU is visible).
+  NCCL without a visible GPU is refused before anything starts.
+* ``SHARDOPT_TIMEOUT_S``: seconds a collective, and the rendezvous, may wait
+  before failing (default 600), passed to ``init_process_group(timeout=...)``.
+  Checkpointing and fault-tolerance code can rely on a hung peer surfacing as an
+  error after this long.
+
+Before the process group starts, every process publishes its world size in the
+rendezvous store and compares it with rank 0's (rank 0 with every other rank's),
+so processes launched with different ``WORLD_SIZE`` values fail with an error
+naming both values instead of a generic store or gloo timeout. A process that
+never arrives (a world size larger than the processes started) can only be
+detected by the timeout; the error then says which rank rank 0 waited for.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import math
 import os
 import re
 import socket
@@ -31,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_PORT = 29500
+DEFAULT_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -170,13 +190,74 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
-def init_from_env(backend: str | None = None, *, timeout_s: float = 600.0) -> LaunchEnv | None:
+def collective_timeout_s(timeout_s: float | None = None, env: Mapping[str, str] | None = None) -> float:
+    """``timeout_s``, else ``SHARDOPT_TIMEOUT_S``, else 600: seconds, a finite number > 0."""
+    env = os.environ if env is None else env
+    name, value = ("timeout_s", timeout_s) if timeout_s is not None else (
+        "SHARDOPT_TIMEOUT_S", env.get("SHARDOPT_TIMEOUT_S") or DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"Invalid {name}: {value!r} (expected seconds, a finite number > 0)")
+    return seconds
+
+
+def check_backend(backend: str) -> None:
+    """Refuse NCCL where this process sees no GPU (torch would fail later, less clearly)."""
+    if backend == "nccl" and not (torch.cuda.is_available() and torch.cuda.device_count() > 0
+                                  and dist.is_nccl_available()):
+        raise RuntimeError("Invalid backend: nccl needs a CUDA GPU and this process sees none "
+                           "(torch.cuda.is_available() is False); use gloo, e.g. SHARDOPT_BACKEND=gloo")
+
+
+def _check_world_size(store: dist.Store, found: LaunchEnv, prefix: str) -> None:
+    """Compare world sizes through the store: each rank with rank 0's, rank 0 with each rank's."""
+    store.set(f"{prefix}/{found.rank}", str(found.world_size))
+    others = range(1, found.world_size) if found.rank == 0 else (0,)
+    for other in others:
+        try:
+            theirs = int(store.get(f"{prefix}/{other}"))
+        except (RuntimeError, dist.DistError) as err:  # DistStoreError: the store's timeout
+            raise RuntimeError(
+                f"Launch failed: rank {found.rank} waited for rank {other} of WORLD_SIZE={found.world_size} "
+                f"and it never arrived; were {found.world_size} processes started? ({err})") from None
+        if found.rank:
+            store.set(f"{prefix}/checked/{found.rank}", "1")
+        if theirs != found.world_size:
+            if found.rank == 0:
+                # Serve the store a little longer, so the other ranks read rank 0's size and
+                # name the disagreement too instead of losing the connection.
+                with contextlib.suppress(RuntimeError, dist.DistError):
+                    store.wait([f"{prefix}/checked/{r}" for r in range(1, min(theirs, found.world_size))],
+                               datetime.timedelta(seconds=5))
+            raise RuntimeError(
+                f"Invalid environment: processes disagree on the world size: rank {found.rank} has "
+                f"{found.world_size}, rank {other} has {theirs}; launch every process with the same "
+                "WORLD_SIZE (or launcher size)")
+
+
+def _rendezvous_store(found: LaunchEnv, addr: str, port: int, timeout: datetime.timedelta) -> dist.Store:
+    """The TCP store ``init_process_group`` would create (env://), made here to check world sizes first."""
+    # Under torchrun's c10d rendezvous the agent already serves the store at MASTER_ADDR/PORT.
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(addr, port, None, found.rank == 0 and not agent, timeout, wait_for_workers=False)
+    # An elastic restart reuses the agent's store: keep each attempt's keys apart.
+    _check_world_size(store, found, f"shardopt/world_size/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+    return store
+
+
+def init_from_env(backend: str | None = None, *, timeout_s: float | None = None) -> LaunchEnv | None:
     """Initialise the default process group from the launcher's environment.
 
     Returns the :class:`LaunchEnv`, or ``None`` (and initialises nothing) when
     the process was started alone. The backend is ``backend``, else the
     ``SHARDOPT_BACKEND`` variable, else :func:`default_backend`. Under NCCL each
-    process takes GPU ``local_rank``.
+    process takes GPU ``local_rank``; NCCL without a GPU raises ``RuntimeError``.
+    ``timeout_s`` (else ``SHARDOPT_TIMEOUT_S``, else 600) bounds the rendezvous and
+    every collective (``init_process_group(timeout=...)``). Processes that disagree
+    on the world size raise ``RuntimeError`` naming both sizes (see the module doc).
 
     The group is destroyed at interpreter exit if the program has not done so:
     a process that exits with a live gloo group aborts in 1-5 of 10 runs with
@@ -185,12 +266,13 @@ def init_from_env(backend: str | None = None, *, timeout_s: float = 600.0) -> La
     gloo-no-destroy``).
     """
     import atexit
-    import datetime
 
     found = launch_env()
     if found is None or dist.is_initialized():
         return found
+    timeout = datetime.timedelta(seconds=collective_timeout_s(timeout_s))
     backend = backend or os.environ.get("SHARDOPT_BACKEND") or default_backend()
+    check_backend(backend)
     addr, port = found.master_addr, found.master_port
     if found.launcher in ("openmpi", "pmi") and (addr is None or port is None):
         addr, port = _mpi_rendezvous(found)
@@ -199,8 +281,8 @@ def init_from_env(backend: str | None = None, *, timeout_s: float = 600.0) -> La
                        "LOCAL_RANK": str(found.local_rank)})
     if backend == "nccl":
         torch.cuda.set_device(found.local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend, rank=found.rank, world_size=found.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    store = _rendezvous_store(found, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout)
+    dist.init_process_group(backend, store=store, rank=found.rank, world_size=found.world_size, timeout=timeout)
     atexit.register(_destroy_if_initialized)
     return found
 

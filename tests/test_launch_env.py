@@ -189,3 +189,48 @@ def test_reads_os_environ_by_default(monkeypatch):
     monkeypatch.setenv("PMI_RANK", "0")
     monkeypatch.setenv("PMI_SIZE", "1")
     assert launch_env() == LaunchEnv("pmi", 0, 1, 0, None, None)
+
+
+# ----------------------------------------------------------------- disagreeing processes (spawned)
+
+
+def _init_with_world_size(rank: int, world_size: int, port: int, results) -> None:
+    import os
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    from shardopt.dist import init_from_env
+
+    try:
+        init_from_env("gloo", timeout_s=20)
+        results.put((rank, "started"))
+    except RuntimeError as err:
+        results.put((rank, str(err)))
+
+
+def test_processes_that_disagree_on_the_world_size_are_told_so():
+    # Rank 0 was launched with WORLD_SIZE=2, rank 1 with 3: both name the disagreement
+    # within seconds instead of waiting for a store or gloo timeout.
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_init_with_world_size, args=(rank, size, port, results))
+             for rank, size in enumerate((2, 3))]
+    for proc in procs:
+        proc.start()
+    try:
+        messages = dict(results.get(timeout=60) for _ in procs)
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    assert "rank 0 has 2, rank 1 has 3" in messages[0]
+    assert "rank 1 has 3, rank 0 has 2" in messages[1]
+    assert all("processes disagree on the world size" in m for m in messages.values())

@@ -173,6 +173,7 @@ class _RankShare:
     # MatrixStep's order (those inside its area in area order, then the straddlers it owns).
     matrix_shapes: dict[int, tuple[tuple[tuple[int, ...], ...], ...]]
     straddler_numel: dict[int, int]  # per group: elements of the straddlers it orthogonalizes
+    exchange_numel: int = 0  # ShardPlan.exchange_numel(rank), for all ranks in one pass
 
 
 def used_by_rank(storage: Storage) -> list[int]:
@@ -219,11 +220,18 @@ def _plan(infos: tuple[ParamInfo, ...], world_size: int, bucket_numel: int, matr
                 ranks.setdefault(owner, []).append(plan.param(slot.param).shape)
         for rank in whole.keys() | straddlers.keys():
             shapes[g][rank].append(tuple(whole.get(rank, []) + straddlers.get(rank, [])))
+    # As ShardPlan.exchange_numel, which walks every straddler per rank (quadratic in ranks):
+    # a member sends its part to the owner, the owner sends every other member its part.
+    exchange = [0] * world_size
     for straddler in plan.straddlers:
         straddling[plan.storages[straddler.storage].group][straddler.owner] += sum(straddler.parts)
+        for member, part in zip(straddler.members, straddler.parts):
+            if member != straddler.owner:
+                exchange[member] += part
+                exchange[straddler.owner] += part
     shares = tuple(
         _RankShare({g: used[g][r] for g in groups}, num_storages, {g: tuple(shapes[g][r]) for g in groups},
-                   {g: straddling[g][r] for g in groups})
+                   {g: straddling[g][r] for g in groups}, exchange[r])
         for r in range(world_size)
     )
     return plan, shares
@@ -288,7 +296,7 @@ def plan_rank_bytes(
                 # (the rule's exchange dtype, held between the two all-to-alls), plus
                 # what this rank sends in them.
                 wire = rule.exchange_dtype(hp, wide)
-                exchange = (2 * share.straddler_numel.get(g, 0) + plan.exchange_numel(rank)) * itemsize(wire)
+                exchange = (2 * share.straddler_numel.get(g, 0) + share.exchange_numel) * itemsize(wire)
                 buffers[f"{rule.name} exchange"] = max(buffers.get(f"{rule.name} exchange", 0), exchange)
         if getattr(torch, precision.reduce) != wide:
             # ZeroOptimizer._grad_regions casts every used gradient region to the master dtype.

@@ -120,13 +120,20 @@ def from_config(config: Mapping[str, Any] | str | os.PathLike, name: str | None 
     """
     if isinstance(config, (str, os.PathLike)):
         source = os.fspath(config)
+        if os.path.isdir(source):
+            # A Hugging Face model directory (what from_pretrained takes) holds its config.json.
+            if not os.path.isfile(os.path.join(source, "config.json")):
+                raise ValueError(f"{source}: a directory without a config.json")
+            source = os.path.join(source, "config.json")
         try:
             with open(source, encoding="utf-8") as handle:
                 config = json.load(handle)
         except FileNotFoundError:
             raise ValueError(f"{source}: no such file") from None
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{source}: not valid JSON ({err})") from None
+        except OSError as err:
+            raise ValueError(f"{source}: cannot read ({err.strerror or err})") from None
     else:
         source = name or "config"
     if not isinstance(config, Mapping):
@@ -255,6 +262,20 @@ def _gpt2_layer(arch: Architecture, i: int, tp: int) -> list[tuple[str, Shape]]:
         (f"{p}mlp.c_fc.weight", (h, f)), (f"{p}mlp.c_fc.bias", (f,)),
         (f"{p}mlp.c_proj.weight", (f, h)), (f"{p}mlp.c_proj.bias", (h,)),
     ]
+
+
+def layer_tensor_count(arch: Architecture) -> int:
+    """Parameter tensors of one layer, counted without listing them (as ``_llama_layer``/``_gpt2_layer``)."""
+    if arch.family == "gpt2":
+        return 12
+    attention = 4 + 3 * arch.qkv_bias + arch.out_bias
+    mlp = 1 + 3 * arch.num_experts if arch.num_experts else 3 + 3 * arch.mlp_bias
+    return attention + mlp + 2
+
+
+def stage_tensor_count(arch: Architecture, *, pp: int = 1) -> int:
+    """Parameter tensors the largest pipeline stage holds: an upper bound, checked before listing them."""
+    return layer_tensor_count(arch) * (arch.num_layers // pp) + 5
 
 
 def param_shapes(arch: Architecture, *, tp: int = 1, pp: int = 1, stage: int = 0) -> list[tuple[str, Shape]]:

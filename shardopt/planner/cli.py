@@ -15,9 +15,12 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 from typing import Any
 
 from ..zero.plan import DEFAULT_BUCKET_NUMEL
@@ -25,25 +28,37 @@ from ..zero.policy import MAX_IN_FLIGHT, shards_gradients
 from . import accounting, report
 from .presets import PRESETS
 
+# Inputs beyond these are no model anyone trains; bounding them keeps every number
+# the planner prints a finite float (Python's int -> float overflows near 1e308).
+MAX_INT = 1 << 48
+MAX_PARAMS = 10**18
+
 CATEGORIES = ("params", "grads", "master_params", "optimizer_states", "activations", "buffers")
 GB, GIB = 1e9, float(1 << 30)
 
 
 def _count(text: str) -> int:
-    """``7.5e9``, ``7_500_000_000`` or ``7,500,000,000`` -> 7500000000."""
-    clean = text.replace("_", "").replace(",", "")
+    """``7.5e9``, ``7_500_000_000`` or ``7,500,000,000`` -> 7500000000.
+
+    Parsed exactly (``Fraction``, not ``float``): ``inf``/``nan`` and ``1e15 + 0.5``
+    are refused, and ``123456789012345678`` is not rounded.
+    """
+    clean = text.replace("_", "").replace(",", "").strip()
     try:
-        value = int(clean) if clean.isdigit() else float(clean)
-    except ValueError:
+        value = Fraction(clean)
+    except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"expected a count such as 7.5e9, got {text!r}") from None
-    if value != int(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole count >= 1, got {text!r}")
+    if value.denominator != 1 or not 1 <= value <= MAX_PARAMS:
+        raise argparse.ArgumentTypeError(f"expected a whole count in [1, 1e18], got {text!r}")
     return int(value)
 
 
 def _list(convert: Callable[[str], Any]) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
-        return [convert(item.strip()) for item in text.split(",") if item.strip()]
+        items = [convert(item.strip()) for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a value or a comma list of values, got {text!r}")
+        return items
 
     return parse
 
@@ -62,8 +77,8 @@ def _positive(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    if not 1 <= value <= MAX_INT:
+        raise argparse.ArgumentTypeError(f"expected an int in [1, 2**48], got {text!r}")
     return value
 
 
@@ -75,13 +90,22 @@ def _stage(text: str) -> int:
 
 def _gpu(text: str) -> str | int:
     if text.isdigit():
+        if int(text) > MAX_INT << 16:
+            raise argparse.ArgumentTypeError(f"expected a GPU's bytes below 2**64, got {text!r}")
         return int(text)
     return _choice("gpu", [*report.GPUS, "BYTES"])(text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where help is, not the whole usage."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardopt", description="shardopt command line tools")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="shardopt", description="shardopt command line tools")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser(
         "plan", help="per-GPU memory of a training configuration",
         description="Per-GPU bytes of training a model with ZeRO, from the same shard plan and optimizer state "
@@ -113,19 +137,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "matrices exchanged for Newton-Schulz) or whole (no exchange, padded to the busiest rank)")
     p.add_argument("--search", action="store_true",
                    help="smallest data-parallel size per ZeRO stage that fits --gpu, and the choice")
-    p.add_argument("--max-dp", type=_positive, default=4096, help="largest data-parallel size for --search/--plot")
+    p.add_argument("--max-dp", type=_positive, default=report.MAX_DP,
+                   help=f"largest data-parallel size for --search/--plot (at most {report.MAX_DP})")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", metavar="FILE.png", help="plot per-rank memory against dp for stages 0-3")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 and one line on stderr for bad input)."""
     args = build_parser().parse_args(argv)
     try:
         return _plan(args)
     except ValueError as err:
         print(f"shardopt plan: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `shardopt plan ... --json | head`: the reader has what it wanted. Point stdout at
+        # devnull so the interpreter's final flush does not raise again (Python docs, "Note on SIGPIPE").
+        # A stdout that is not a file (a test's capture) has no closed pipe to flush to.
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _estimate(args: argparse.Namespace, optimizer: str, stage: int, dp: int) -> report.MemoryReport:
@@ -142,6 +175,11 @@ def _plan(args: argparse.Namespace) -> int:
         raise ValueError("Invalid sequence_parallel: it splits activations across --tp ranks; give --tp > 1")
     if (args.search or args.plot) and len(args.optimizer) > 1:
         raise ValueError("Invalid optimizer: --search and --plot take one optimizer")
+    if args.max_dp > report.MAX_DP:
+        raise ValueError(f"Invalid max_dp: {args.max_dp:,} (the planner plans up to {report.MAX_DP:,} "
+                         "data-parallel ranks)")
+    if args.plot:
+        _check_writable(args.plot)
     if args.plot:
         _plot(args, args.plot)
     if args.search:
@@ -195,8 +233,10 @@ def render(r: report.MemoryReport) -> str:
         header,
         f"  {r.total_params:,} parameters ({r.matrix_params:,} in hidden matrices); one rank's tp/pp share: "
         f"{r.stage_params:,}",
-        f"  busiest: data-parallel rank {r.rank.rank} of pipeline stage {r.pipeline_stage}; plan: {r.num_buckets} "
-        f"buckets of <= {r.settings['bucket_numel']:,} elements over {r.plan_world_size} rank(s)",
+        f"  busiest: data-parallel rank {r.rank.rank} of pipeline stage {r.pipeline_stage}; plan: {r.num_buckets:,} "
+        f"buckets over {r.plan_world_size} rank(s), the largest {r.largest_bucket_numel:,} elements with padding "
+        f"(bucket_numel={r.settings['bucket_numel']:,}: a larger parameter, or Muon's matrices below ZeRO-2, "
+        "is one bucket)",
         "",
         f"  {'category':<24}{'GB':>10} {'GiB':>10}  formula (source)",
     ]
@@ -230,8 +270,8 @@ def render_sweep(reports: Sequence[report.MemoryReport]) -> str:
         values = list(r.per_rank_bytes().values())
         lines.append(f"  {r.optimizer:<10}{r.zero_stage:>5}{r.dp:>6}" + "".join(f"{v / GB:10.2f}" for v in values)
                      + ("  yes" if r.fits else "  no"))
-    notes = dict.fromkeys(f"{r.optimizer} dp={r.dp}: {n}" if n.startswith("matrix") else n
-                          for r in reports for n in r.notes)
+    # Each note names its configuration (ZeRO stage, dp) where it depends on it.
+    notes = dict.fromkeys(n for r in reports for n in r.notes)
     return "\n".join(lines + [f"  note: {n}" for n in notes])
 
 
@@ -294,8 +334,22 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_writable(path: str) -> None:
+    """Refuse an unwritable --plot path before planning, not after (a traceback from savefig)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"Invalid plot: {path!r} is a directory (expected FILE.png)")
+    if not os.path.isdir(folder):
+        raise ValueError(f"Invalid plot: {path!r}: folder {os.path.dirname(path) or folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"Invalid plot: {path!r}: folder {os.path.dirname(path) or folder!r} is not writable")
+
+
 def _plot(args: argparse.Namespace, path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("Invalid plot: --plot needs matplotlib (pip install matplotlib)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -323,8 +377,12 @@ def _plot(args: argparse.Namespace, path: str) -> None:
     fig.suptitle(f"{r0.model}: {r0.optimizer}, {r0.precision.name} precision, tp={r0.tp} pp={r0.pp}, "
                  f"recompute={r0.settings['recompute']} s={r0.settings['seq_len']} (shardopt plan)")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    except (OSError, ValueError) as err:  # e.g. an extension matplotlib cannot write
+        raise ValueError(f"Invalid plot: cannot write {path!r} ({err})") from None
+    finally:
+        plt.close(fig)
     print(f"wrote {path}", file=sys.stderr)
 
 

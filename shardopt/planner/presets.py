@@ -29,10 +29,12 @@ from .architectures import (
     count_params,
     from_config,
     param_shapes,
+    stage_tensor_count,
 )
 
 __all__ = [
-    "GPT2_TYPES", "GPUS", "LLAMA_TYPES", "PRESETS", "UNSUPPORTED_FIELDS", "Architecture", "ModelParams", "Named",
+    "GPT2_TYPES", "GPUS", "LLAMA_TYPES", "MAX_TENSORS", "MAX_TENSOR_NUMEL",
+    "PRESETS", "UNSUPPORTED_FIELDS", "Architecture", "ModelParams", "Named",
     "Preset", "Shape", "backward_order", "count_params", "from_config", "model_params", "param_shapes", "resolve",
 ]
 
@@ -40,6 +42,14 @@ __all__ = [
 GPUS: dict[str, int] = {"a100-40gb": 40960 << 20, "a100-80gb": 81920 << 20, "h100-80gb": 81559 << 20,
                         "h200-141gb": 143771 << 20}
 
+
+# The planner lists the model's parameters and plans them (about 20-50 us per tensor):
+# beyond this many it would no longer answer in well under a
+# second. The largest preset holds about 1,150; bare counts beyond it are extrapolated
+# (shardopt.planner.report), shaped models are refused.
+MAX_TENSORS = 20_000
+# Meta tensors hold int64 sizes; no device holds a tensor anywhere near this large.
+MAX_TENSOR_NUMEL = 1 << 48
 
 # --------------------------------------------------------------------------- presets
 
@@ -158,6 +168,10 @@ def model_params(model: Any, *, tp: int = 1, pp: int = 1, bucket_numel: int) -> 
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {label}: {value!r} (expected an int >= 1)")
         share = -(-model // (tp * pp))
+        if -(-share // bucket_numel) > MAX_TENSORS:
+            raise ValueError(f"Invalid params: {model:,} is more than {MAX_TENSORS:,} tensors of bucket_numel="
+                             f"{bucket_numel:,} elements per rank (shardopt.planner.estimate extrapolates such "
+                             "counts)")
         named = [(f"params.{i}", (min(bucket_numel, share - i * bucket_numel),), True)
                  for i in range(-(-share // bucket_numel))]
         notes = ["bare parameter count: planned as 1-D tensors of bucket_numel elements; no activations "
@@ -167,9 +181,18 @@ def model_params(model: Any, *, tp: int = 1, pp: int = 1, bucket_numel: int) -> 
         return ModelParams(f"{model:,} parameters", None, model, {0: named}, named, False, tuple(notes))
     arch, published = resolve(model)
     arch.check_parallel(tp, pp)
+    # The whole model is listed too (its hidden-matrix count), so the limit is on the whole model.
+    tensors = stage_tensor_count(arch)
+    if tensors > MAX_TENSORS:
+        raise ValueError(f"Invalid model: {arch.name} has about {tensors:,} parameter tensors "
+                         f"(num_hidden_layers={arch.num_layers:,}); the planner lists at most {MAX_TENSORS:,}")
     stages = {s: [(n, shape, True) for n, shape in param_shapes(arch, tp=tp, pp=pp, stage=s)]
               for s in sorted({0, pp - 1})}
     full = [(n, shape, True) for n, shape in param_shapes(arch)]
+    largest = max(full, key=lambda item: math.prod(item[1]))
+    if math.prod(largest[1]) > MAX_TENSOR_NUMEL:
+        raise ValueError(f"Invalid model: {arch.name}'s {largest[0]} would have shape {largest[1]}, more than "
+                         f"2**48 elements; check the config's dimensions")
     total = sum(math.prod(s) for _, s, _ in full)
     # An internal invariant: tests check every preset's shapes against its published total.
     assert published is None or published == total, (arch.name, total, published)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..muon_optimizer import muon_param_groups
+from ..rules.base import Granularity
 from ..zero.plan import DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan
 from ..zero.schedule import window_numel
 from . import activations as act
@@ -53,6 +54,14 @@ from .accounting import (
 )
 
 GPUS = presets.GPUS
+# The plan and the accounting do work per data-parallel rank (and Muon's matrix
+# layout more than linear in it): beyond this the planner no longer answers in
+# well under a second. It is also --max-dp's default.
+MAX_DP = 4096
+# A bare count is planned as 1-D tensors of bucket_numel elements, each its own
+# bucket: beyond this many, two exact plans (of this many tensors and one fewer) are
+# extrapolated linearly (tests/test_misuse_entry.py checks it equals the exact plan).
+BARE_EXACT_TENSORS = 16
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,7 @@ class MemoryReport:
     num_buckets: int
     notes: tuple[str, ...] = ()
     settings: Mapping[str, Any] = field(default_factory=dict)
+    largest_bucket_numel: int = 0
 
     @property
     def total(self) -> int:
@@ -113,6 +123,7 @@ class MemoryReport:
             "busiest": {"dp_rank": self.rank.rank, "pipeline_stage": self.pipeline_stage},
             "optimizer_states": dict(self.rank.optimizer_states), "activations": dict(self.activations),
             "buffers": dict(self.rank.buffers), "settings": dict(self.settings), "notes": list(self.notes),
+            "num_buckets": self.num_buckets, "largest_bucket_numel": self.largest_bucket_numel,
         }
 
 
@@ -169,7 +180,15 @@ def estimate(
     for label, value in (("dp", dp), ("bucket_numel", bucket_numel)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Invalid {label}: {value!r} (expected an int >= 1)")
+    if dp > MAX_DP:
+        raise ValueError(f"Invalid dp: {dp:,} (the planner plans up to {MAX_DP:,} data-parallel ranks)")
     gpu_bytes = gpu if isinstance(gpu, int) and not isinstance(gpu, bool) else choose("gpu", gpu, GPUS)
+    if _bare_tensors(model, tp, pp, bucket_numel) > BARE_EXACT_TENSORS:
+        return _extrapolated(model, tp=tp, pp=pp, bucket_numel=bucket_numel, optimizer=optimizer,
+                             precision=precision, zero_stage=zero_stage, dp=dp, seq_len=seq_len,
+                             micro_batch=micro_batch, recompute=recompute, sequence_parallel=sequence_parallel,
+                             gpu=gpu, hyperparameters=hyperparameters, grad_arrival=grad_arrival,
+                             matrix_layout=matrix_layout)
     source = presets.model_params(model, tp=tp, pp=pp, bucket_numel=bucket_numel)
     arch, notes = source.arch, list(source.notes)
     if optimizer == "muon" and not source.has_shapes:
@@ -190,7 +209,7 @@ def estimate(
         if best is None or candidate[0] > best[0]:
             best = candidate
     _, stage, busiest, ranks, acts, plan, infos, groups, arrival = best
-    notes += _plan_notes(plan, dp)
+    notes += _plan_notes(plan, zero_stage)
     if zero_stage >= 2 and plan.world_size > 1:
         first, steady = (window_numel(plan, arrival, first_step=first_step) for first_step in (True, False))
         item = itemsize(precision.reduce)
@@ -210,6 +229,63 @@ def estimate(
         gpu=gpu if isinstance(gpu, str) else f"{gpu} bytes", gpu_bytes=gpu_bytes,
         stage_params=sum(i.numel for i in infos), plan_world_size=plan.world_size,
         num_buckets=len(plan.buckets), notes=tuple(notes), settings=settings,
+        largest_bucket_numel=max((b.flat_numel for b in plan.buckets), default=0),
+    )
+
+
+def _bare_tensors(model: Any, tp: Any, pp: Any, bucket_numel: int) -> int:
+    """How many 1-D tensors a bare count is planned as (0 for anything else or invalid tp/pp)."""
+    if isinstance(model, bool) or not isinstance(model, int) or model < 1:
+        return 0
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (tp, pp)):
+        return 0  # model_params names the bad value
+    share = -(-model // (tp * pp))
+    return -(-share // bucket_numel)
+
+
+def _extrapolated(model: int, *, tp: int, pp: int, bucket_numel: int, grad_arrival: Sequence[str] | None,
+                  **options: Any) -> MemoryReport:
+    """A bare count of ``n`` tensors, from exact plans of ``k - 1`` and ``k`` tensors.
+
+    Each full tensor of a bare count is a bucket of its own, alike on every rank,
+    so everything a rank holds grows by the same bytes per tensor, and the
+    transients (reduce and gather windows: a few buckets) stop growing after a few:
+    ``value(n) = value(k) + (n - k) * (value(k) - value(k - 1))``, with no
+    list of ``n`` tensors (``--params 1e15`` is 10^8 of them).
+    """
+    if grad_arrival is not None:
+        raise ValueError("Invalid grad_arrival: a bare parameter count has no parameter names")
+    share = -(-model // (tp * pp))
+    n = -(-share // bucket_numel)
+    tail = share - (n - 1) * bucket_numel  # the one partial tensor, planned first
+    k = BARE_EXACT_TENSORS
+    a, b = (estimate((m - 1) * bucket_numel + tail, bucket_numel=bucket_numel, **options) for m in (k - 1, k))
+    steps = n - k
+
+    def grow(x: int, y: int) -> int:
+        return y + steps * (y - x)
+
+    def grow_dict(x: Mapping[str, int], y: Mapping[str, int]) -> dict[str, int]:
+        return {key: grow(x.get(key, 0), y.get(key, 0)) for key in {**x, **y}}
+
+    ranks = tuple(
+        RankBytes(rank=y.rank, params=grow(x.params, y.params), grads=grow(x.grads, y.grads),
+                  master_params=grow(x.master_params, y.master_params),
+                  optimizer_states=grow_dict(x.optimizer_states, y.optimizer_states),
+                  buffers=grow_dict(x.buffers, y.buffers))
+        for x, y in zip(a.ranks, b.ranks)
+    )
+    notes = [f"bare parameter count: planned as {n:,} 1-D tensors of bucket_numel elements (extrapolated from "
+             f"exact plans of {k - 1} and {k}); no activations (give --model for shapes)"]
+    if tp * pp > 1:
+        notes.append(f"tp x pp = {tp * pp}: parameters assumed split evenly")
+    return MemoryReport(
+        model=f"{model:,} parameters", total_params=model, matrix_params=0, optimizer=b.optimizer,
+        precision=b.precision, zero_stage=b.zero_stage, dp=b.dp, tp=tp, pp=pp, pipeline_stage=0,
+        rank=max(ranks, key=lambda r: (r.total, -r.rank)), ranks=ranks, activations={}, gpu=b.gpu,
+        gpu_bytes=b.gpu_bytes, stage_params=share, plan_world_size=b.plan_world_size,
+        num_buckets=grow(a.num_buckets, b.num_buckets), notes=tuple(notes), settings=b.settings,
+        largest_bucket_numel=b.largest_bucket_numel,
     )
 
 
@@ -225,11 +301,12 @@ def _arrival(infos: Sequence[ParamInfo], named: Sequence[tuple[str, Any, bool]],
     return [index[n] for n in order if n in index]
 
 
-def _plan_notes(plan: ShardPlan, dp: int) -> list[str]:
-    balance = plan.matrix_balance()
-    if not balance or plan.world_size == 1:
+def _plan_notes(plan: ShardPlan, zero_stage: int) -> list[str]:
+    if plan.world_size == 1 or not any(s.granularity is Granularity.MATRIX for s in plan.storages):
         return []
-    note = (f"Muon ({plan.matrix_layout} layout) over {plan.world_size} ranks: state max/mean "
+    balance = plan.matrix_balance()
+    # Named by stage: a sweep prints the notes of every configuration together.
+    note = (f"Muon ZeRO-{zero_stage} ({plan.matrix_layout} layout) over {plan.world_size} ranks: state max/mean "
             f"{balance['state_max_over_mean']:.3f}, padding {100 * balance['padding_fraction']:.2f}% of the "
             f"matrices, Newton-Schulz max/mean {balance['ns_max_over_mean']:.3f} (one matrix alone: "
             f"{balance['ns_lower_bound']:.3f})")
