@@ -89,6 +89,14 @@ def test_bad_arguments_name_the_argument(kwargs, error, match):
         shardopt.ZeroOptimizer(w.TinyLM().parameters(), shardopt.AdamW, **kwargs)
 
 
+def test_float16_is_refused_for_want_of_loss_scaling():
+    with pytest.raises(ValueError, match=r"gate is float16.*loss scaling"):
+        shardopt.ZeroOptimizer(w.TinyLM().half().named_parameters(), shardopt.AdamW)
+    with pytest.raises(ValueError, match=r"reduce_dtype=torch\.float16 needs loss scaling"):
+        shardopt.ZeroOptimizer(w.TinyLM().parameters(), shardopt.AdamW,
+                               precision=shardopt.PrecisionPolicy(reduce_dtype=torch.float16))
+
+
 def test_a_non_float_reduce_dtype_is_refused():
     with pytest.raises(ValueError, match="reduce_dtype"):
         shardopt.PrecisionPolicy(reduce_dtype=torch.int64)
@@ -164,6 +172,35 @@ def test_second_backward_without_no_sync_is_a_clear_error_and_loses_nothing():
         opt.step()
         opt.zero_grad()
         w.lm_loss(ref, w.batch(step)).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("checkpointed", ["last", "first"])
+def test_activation_checkpointing_reentrant_or_not(use_reentrant, checkpointed):
+    # A reentrant checkpoint runs a nested backward inside the outer one; its end must
+    # not be taken for the end of the step's backward (gradients of the layers outside
+    # the checkpoint would be zero-filled, then refused when they arrive).
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8))
+    ref = copy.deepcopy(model)
+    opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.SGD, lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for step in range(3):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        if checkpointed == "last":
+            y = checkpoint(model[2], model[1](model[0](x)), use_reentrant=use_reentrant)
+        else:
+            y = model[2](checkpoint(lambda t: model[1](model[0](t)), x.requires_grad_(), use_reentrant=use_reentrant))
+        y.square().mean().backward()
+        assert all(p.grad is not None for p in model.parameters())  # finished at the end of backward
+        opt.step()
+        opt.zero_grad()
+        ref(x).square().mean().backward()
         ref_opt.step()
         ref_opt.zero_grad()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))

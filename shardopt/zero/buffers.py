@@ -5,7 +5,7 @@ Per storage (:class:`StorageBuffers`):
 * ``param_flat``: the whole storage in the model's dtype. Model parameters are
   views of it, so the all-gather after the step writes them with no copy-out.
 * ``master``: this rank's area in fp32. For fp32 models it *is* the area of
-  ``param_flat`` (no second copy); for bf16/fp16 models a separate fp32 tensor.
+  ``param_flat`` (no second copy); for bf16 models a separate fp32 tensor.
 * ``grad_area``: this rank's averaged gradient area (stage 2); at stage 1 (and
   on one rank) a view of ``grad_flat``, the full averaged gradient, which
   ``p.grad`` views. Which of the two is the gradient-sharding strategy

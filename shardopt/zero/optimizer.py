@@ -147,6 +147,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if len(devices) > 1:
             raise ValueError(f"Invalid params: all parameters must be on one device, got {devices}")
         self.device = devices.pop() if devices else torch.device("cpu")
+        _refuse_fp16(self.params.values(), self.precision, self.inner.param_label)
         group_of = {id(p): g for g, group in enumerate(self.param_groups) for p in group["params"]}
         infos = [self._param_info(index, p, group_of[id(p)]) for index, p in self.params.items()]
         self.sharding = gradient_sharding(stage, self.comm.world_size)
@@ -427,8 +428,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ checkpoints
 
-    def _sharded_state(self) -> checkpoint.ShardedState:
-        return checkpoint.ShardedState(self.plan, self.storages, self.param_groups, self._state_specs, self.comm)
+    def sharded_state(self) -> checkpoint.ShardedState:
+        """What checkpoints read and write of this optimizer (plan, this rank's buffers, param
+        groups, state declarations, communicator, parameters, rule names): the interface
+        :mod:`shardopt.checkpoint` and :mod:`shardopt.zero.checkpoint` work through."""
+        return checkpoint.ShardedState(
+            self.plan, self.storages, self.param_groups, self._state_specs, self.comm, params=self.params,
+            rule_name=lambda group: self.inner.rule_for_group(self.param_groups[group]).name)
+
+    _sharded_state = sharded_state
 
     def _state_specs(self, group: int) -> tuple[StateSpec, ...]:
         hp = self.param_groups[group]
@@ -465,6 +473,24 @@ def warn_if_padded(plan: ShardPlan) -> None:
             "(see docs/design/muon-at-scale.md)",
             stacklevel=3,
         )
+
+
+def _refuse_fp16(params: Any, precision: PrecisionPolicy, label: Callable[[Tensor], str]) -> None:
+    """Raise for float16 parameters or reduction: fp16 needs loss scaling, which this engine lacks.
+
+    fp16's 5-bit exponent flushes small gradients to zero unless the loss is
+    scaled (Micikevicius et al. 2018, "Mixed Precision Training", section 3.2),
+    and ``torch.amp.GradScaler`` cannot unscale stage-2 gradients, which never
+    reach ``p.grad``. bfloat16 costs the same memory with fp32's exponent range.
+    """
+    if precision.reduce_dtype == torch.float16:
+        raise ValueError("Invalid precision: reduce_dtype=torch.float16 needs loss scaling, which ZeroOptimizer "
+                         "does not implement; use torch.bfloat16 (same bytes, fp32's range) or torch.float32")
+    for param in params:
+        if param.dtype == torch.float16:
+            raise ValueError(f"Invalid params: {label(param)} is float16, which needs loss scaling that "
+                             "ZeroOptimizer does not implement; convert the model to bfloat16 (same memory, "
+                             "fp32's range) or keep it float32")
 
 
 def _reject_ddp(params: Any, label: Callable[[Tensor], str]) -> None:

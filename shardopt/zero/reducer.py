@@ -32,6 +32,12 @@ from .plan import ShardPlan, Span
 from .schedule import BucketReduction, MatrixReduction, ReductionSchedule
 
 
+def _inside_backward_node() -> bool:
+    """Whether this thread is running an autograd node's backward (so a backward that ends now was nested)."""
+    current = getattr(torch._C, "_current_autograd_node", None)
+    return current is not None and current() is not None
+
+
 class GradientReducer:
     def __init__(
         self,
@@ -190,6 +196,11 @@ class GradientReducer:
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
+        if _inside_backward_node():
+            # The end of a nested backward (a reentrant activation checkpoint runs one
+            # inside its node's backward): the step's backward goes on, and its next
+            # hook queues the callback again on it. If none comes, step() finishes.
+            return
         self.finish()
 
     def finish(self) -> None:
