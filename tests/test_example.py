@@ -82,3 +82,22 @@ def test_every_schedule_name_builds(schedule):
     config = {**train_gpt.DEFAULTS, "schedule": schedule, "steps": 2}
     values = [train_gpt.build_schedule(config)(step) for step in range(4)]
     assert all(0.0 <= v <= 1.0 for v in values)
+
+
+def test_checkpoints_every_k_steps_and_resume_continues_the_run(tmp_path, capsys, single_process):
+    run = [*TINY, "--steps", "4", "--optimizer", "muon", "--plot", "", "--schedule", "warmup_cosine"]
+    whole = train_gpt.main([*run, "--save-params", str(tmp_path / "whole.pt")])
+    ckpt = str(tmp_path / "ckpt")
+    train_gpt.main([*run, "--steps", "4", "--checkpoint-dir", ckpt, "--save-every", "2"])
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000000002", "step-000000004"]
+    # Drop the last checkpoint: resume from step 2 and train steps 3 and 4 again.
+    import shutil
+
+    shutil.rmtree(tmp_path / "ckpt" / "step-000000004")
+    resumed = train_gpt.main([*run, "--checkpoint-dir", ckpt, "--resume",
+                              "--save-params", str(tmp_path / "resumed.pt")])
+    assert "resumed from" in capsys.readouterr().out
+    assert [step for step, _ in resumed["history"]] == [3, 4]
+    assert resumed["history"] == whole["history"][2:]  # the same batches, bit for bit
+    a, b = torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "resumed.pt")
+    assert all(torch.equal(a[name], b[name]) for name in a)

@@ -1,0 +1,149 @@
+"""Crash-safe checkpoint directories: write to ``step-N.tmp``, rename to ``step-N`` last.
+
+A job killed during a save leaves a ``.tmp`` directory that :func:`latest`
+ignores, so the previous complete checkpoint stays the one a restart loads.
+The rename is done by rank 0 once ``dcp.save`` has returned there: DCP's
+coordinator (rank 0) writes the ``.metadata`` file only after every rank's
+data is written (its final gather), so at that moment the directory is
+complete. ``rename`` of a directory within one filesystem is atomic on POSIX.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.checkpoint.stateful import Stateful
+
+from .boxes import staged_copy
+
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+def _rank(group: Any | None) -> int:
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier(group: Any | None) -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(group)
+
+
+def checkpoint_dir(root: str | os.PathLike, step: int) -> Path:
+    """``root/step-000000123``: zero-padded so names sort by step."""
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"Invalid step: {step!r} (expected an int >= 0)")
+    return Path(root) / f"step-{step:09d}"
+
+
+def save(state: dict[str, Any], root: str | os.PathLike, step: int, *, async_save: bool = False,
+         process_group: Any | None = None) -> Path | Future:
+    """``dcp.save(state)`` into ``root/step-N.tmp``, then rank 0 renames it ``root/step-N``.
+
+    A collective: every rank calls it with its own ``state`` (e.g.
+    ``{"model": model.state_dict(), "optim": OptimizerState(model, opt)}``).
+    Returns the final directory; with ``async_save=True`` a ``Future`` of it
+    (``dcp.async_save``: the state is copied to CPU memory before this returns,
+    so training may go on; the directory is renamed when rank 0's upload is
+    done). An existing ``step-N`` is replaced.
+    """
+    final = checkpoint_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = _rank(process_group)
+    if rank == 0:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that died
+    _barrier(process_group)
+
+    def complete() -> Path:
+        if rank == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        return final
+
+    if not async_save:
+        dcp.save(state, checkpoint_id=str(tmp), process_group=process_group)
+        complete()
+        _barrier(process_group)  # every rank returns with the directory complete
+        return final
+    # Staged here (a CPU copy, boxes kept: boxes.staged_copy), so DCP's stager must not copy again.
+    staged = staged_copy({key: value.state_dict() if isinstance(value, Stateful) else value
+                          for key, value in state.items()})
+    upload = dcp.async_save(staged, checkpoint_id=str(tmp), process_group=process_group, async_stager=_Staged())
+    upload = getattr(upload, "upload_completion", upload)  # AsyncSaveResponse when staging is async
+    done: Future = Future()
+
+    def finish(future: Future) -> None:
+        try:
+            future.result()
+            done.set_result(complete())
+        except BaseException as error:  # handed to whoever waits on the future
+            done.set_exception(error)
+
+    upload.add_done_callback(finish)
+    return done
+
+
+class _Staged(AsyncStager):
+    """An ``AsyncStager`` for a state dict that is already a private CPU copy: hands it on."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def latest(root: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step under ``root`` (``None`` if none)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), path) for path in root.iterdir()
+             if (m := _NAME.match(path.name)) and (path / ".metadata").is_file()]
+    return max(found)[1] if found else None
+
+
+def step_of(path: str | os.PathLike) -> int:
+    """The step a checkpoint directory from :func:`save` was written at."""
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"Invalid checkpoint path: {path} (expected a step-N directory from shardopt.checkpoint.save)")
+    return int(match.group(1))
+
+
+def load(state: dict[str, Any], path: str | os.PathLike, *, process_group: Any | None = None) -> None:
+    """``dcp.load(state)`` after checking, for every :class:`OptimizerState` in ``state``, the
+    checkpoint's integrity record (rule, parameter names and shapes) against its model and
+    optimizer, so that a mismatch raises before ``dcp.load`` writes anything in place.
+
+    A collective. (Plain ``dcp.load`` works too; it catches missing names and
+    shapes before reading, but a checkpoint with extra parameters or another
+    rule of the same state names only in ``load_state_dict``, after the reads.)
+    """
+    from .state_dict import OptimizerState, check_meta, read_meta
+
+    for key, value in state.items():
+        if not isinstance(value, OptimizerState):
+            continue
+        probe: dict[str, Any] = {key: {"shardopt": {"meta": ""}}}
+        try:
+            dcp.load(probe, checkpoint_id=str(path), process_group=process_group)
+        except Exception as error:  # DCP names no key we could show better; say which one we need
+            raise ValueError(f"Invalid checkpoint {path}: no shardopt optimizer state under {key!r} "
+                             f"({type(error).__name__}: {str(error)[:200]})") from error
+        check_meta(read_meta(probe[key]) or {}, value.model, value.optimizer)
+    dcp.load(state, checkpoint_id=str(path), process_group=process_group)
