@@ -3,7 +3,8 @@
 import importlib
 from types import ModuleType
 
-from .muon_optimizer import Muon, MuonParamGroups, muon_param_groups
+from .muon_grouping import MuonParamGroups, muon_param_groups
+from .muon_optimizer import Muon
 from .optimizer_base import RuleOptimizer
 from .optimizers import SGD, Adagrad, Adam, AdamW, Lion, RMSprop
 from .rules import Granularity, StateShape, StateSpec, UpdateRule

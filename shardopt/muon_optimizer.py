@@ -3,30 +3,27 @@
 Groups with ``use_muon=True`` (the default) follow :class:`~shardopt.rules.MuonRule`;
 groups with ``use_muon=False`` follow :class:`~shardopt.rules.AdamWRule` with
 AdamW's own hyperparameters (``lr``, ``betas``, ``eps``, ``weight_decay``), as in
-Keller Jordan's ``MuonWithAuxAdam``. :func:`muon_param_groups` builds the two
-groups from a model.
+Keller Jordan's ``MuonWithAuxAdam``. :func:`muon_param_groups` builds the
+groups from a model, by module type and shape first, names as an override.
 
 Example::
 
-    groups = shardopt.muon_param_groups(model, adamw_lr=3e-4)
+    groups = shardopt.muon_param_groups(model, lr=3e-4)   # lr, betas...: the AdamW group's
     print(groups.summary())            # what went where, and why
     opt = shardopt.Muon(groups, lr=0.02)
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from .muon_grouping import muon_param_groups
 from .optimizer_base import ParamsT, RuleOptimizer
 from .rules import AdamWRule, MuonRule, UpdateRule
-
-DEFAULT_ADAMW_EXCLUDE = ("embed", "wte", "wpe", "lm_head", "output", "head")
+from .rules.newton_schulz import resolve_matrix_view
 
 
 class Muon(RuleOptimizer):
@@ -40,8 +37,11 @@ class Muon(RuleOptimizer):
     this optimizer was constructed with.
 
     Beyond torch.optim.Muon, which refuses every parameter that is not 2-D, Muon
-    groups take stacks of matrices (3-D, one matrix per slice) and conv kernels
-    (as ``(out, rest)``); 0-D and 1-D parameters are refused with torch's ValueError.
+    groups take conv kernels of any dimensionality (as ``(out, rest)``) and stacks of
+    matrices (3-D, one matrix per slice); the group key ``matrix_view`` says which
+    (``"flatten"`` or ``"stack"``; without it, the shape rule: 3-D stacks, more
+    flattened); :func:`muon_param_groups` gives 3-D conv kernels (Conv1d) a group with
+    ``matrix_view="flatten"``. 0-D and 1-D parameters are refused with torch's ValueError.
     """
 
     def __init__(
@@ -87,6 +87,20 @@ class Muon(RuleOptimizer):
         return [(group["params"], MuonRule() if group["use_muon"] else AdamWRule(), group["use_muon"])
                 for group in muon_param_groups(named)]
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if not group.get("use_muon", True):
+            return
+        # A "stack" view of a 4-D kernel would only fail at the first step (or inside
+        # ZeroOptimizer's plan): refuse it here, naming the parameter.
+        for param in group["params"]:
+            try:
+                resolve_matrix_view(group.get("matrix_view"), tuple(param.shape))
+            except ValueError as error:
+                self.param_groups.pop()
+                raise ValueError(f"{self.param_label(param)}: {error}") from error
+
     def fill_group_defaults(self, param_group: dict[str, Any]) -> None:
         if not param_group.get("use_muon", True):
             for key, value in self._adamw_defaults.items():
@@ -95,78 +109,3 @@ class Muon(RuleOptimizer):
             for key in self.defaults:
                 if key not in self._adamw_defaults and key != "use_muon":
                     param_group.setdefault(key, None)
-
-
-@dataclass
-class MuonParamGroups(Sequence):
-    """The two param groups for :class:`Muon`, with the reason for each placement.
-
-    Behaves as the list of groups (pass it to ``Muon`` or ``ZeroOptimizer``).
-    """
-
-    groups: list[dict[str, Any]]
-    placement: list[tuple[str, str, tuple[int, ...], str]] = field(default_factory=list)
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return self.groups[index]
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def summary(self) -> str:
-        """One line per parameter: where it went, its shape, and why."""
-        lines = []
-        for name, kind, shape, reason in self.placement:
-            lines.append(f"{kind:5s} {name:40s} {shape!s:20s} {reason}")
-        counts = {
-            kind: sum(int(torch.Size(s).numel()) for _, k, s, _ in self.placement if k == kind)
-            for kind in ("muon", "adamw")
-        }
-        lines.append(f"muon: {counts['muon']:,} elements; adamw: {counts['adamw']:,} elements")
-        return "\n".join(lines)
-
-
-def muon_param_groups(
-    model: nn.Module | Iterable[tuple[str, Tensor]],
-    *,
-    adamw_patterns: Sequence[str] = DEFAULT_ADAMW_EXCLUDE,
-    min_ndim: int = 2,
-    **adamw_group_options: Any,
-) -> MuonParamGroups:
-    """Split parameters into a Muon group (hidden matrices) and an AdamW group.
-
-    A parameter goes to Muon when it has at least ``min_ndim`` dimensions and its
-    name matches none of ``adamw_patterns`` (regular expressions, searched in the
-    name): embeddings and the output head are matrices, but Muon's authors
-    update them with AdamW (Jordan 2024, "Muon", section "Empirical
-    considerations"). Frozen parameters are left out. Options such as
-    ``lr=3e-4`` given here go into the AdamW group (prefixless), e.g.
-    ``muon_param_groups(model, lr=3e-4, betas=(0.9, 0.95))``.
-    """
-    named = model.named_parameters() if isinstance(model, nn.Module) else model
-    compiled = [re.compile(pattern) for pattern in adamw_patterns]
-    muon: list[Tensor] = []
-    adamw: list[Tensor] = []
-    placement = []
-    for name, param in named:
-        if not param.requires_grad:
-            continue
-        shape = tuple(param.shape)
-        hit = next((p.pattern for p in compiled if p.search(name)), None)
-        if param.ndim < min_ndim:
-            adamw.append(param)
-            placement.append((name, "adamw", shape, f"{param.ndim}-D"))
-        elif hit is not None:
-            adamw.append(param)
-            placement.append((name, "adamw", shape, f"name matches {hit!r}"))
-        else:
-            muon.append(param)
-            placement.append((name, "muon", shape, "hidden matrix"))
-    groups = []
-    if muon:
-        groups.append({"params": muon, "use_muon": True})
-    if adamw:
-        groups.append({"params": adamw, "use_muon": False, **adamw_group_options})
-    if not groups:
-        raise ValueError("Invalid model: no trainable parameters to split")
-    return MuonParamGroups(groups, placement)

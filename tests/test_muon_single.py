@@ -224,16 +224,30 @@ def test_newton_schulz_ranges_count_matrices():
 
 @pytest.mark.parametrize("shape", [(16, 4), (4, 16), (9, 9), (3, 8, 16), (3, 16, 8), (4, 4, 3, 3)], ids=str)
 @pytest.mark.parametrize("ns_steps", [1, 5])
-def test_transform_cost_is_newton_schulz_multiply_adds_per_step(shape, ns_steps):
+@pytest.mark.parametrize("view", [None, "flatten", "stack"])
+def test_transform_cost_is_newton_schulz_multiply_adds_per_step(shape, ns_steps, view):
+    if view == "stack" and len(shape) == 4:
+        pytest.skip("a stack is 3-D (tested in test_stack_view_of_a_4d_kernel_is_refused)")
     rule = shardopt.rules.MuonRule()
     # Per matrix and Newton-Schulz step, with m = min, n = max: X X^T (m m n), A A (m^3)
-    # and B X (m m n); a 3-D stack has shape[0] matrices; conv kernels are (out, in*kh*kw).
-    rows, cols = {2: shape, 3: shape[1:]}.get(len(shape), (shape[0], math.prod(shape[1:])))
+    # and B X (m m n); a 3-D stack (matrix_view "stack", or no key) has shape[0] matrices;
+    # conv kernels and flattened 3-D parameters are (out, in*kh*kw).
+    stack = len(shape) == 3 and view != "flatten"
+    rows, cols = shape[-2:] if len(shape) == 2 or stack else (shape[0], math.prod(shape[1:]))
     m, n = min(rows, cols), max(rows, cols)
-    count = shape[0] if len(shape) == 3 else 1
-    cost = rule.transform_cost(shape, {**rule.defaults, "ns_steps": ns_steps})
+    count = shape[0] if stack else 1
+    hp = {**rule.defaults, "ns_steps": ns_steps, **({"matrix_view": view} if view else {})}
+    cost = rule.transform_cost(shape, hp)
     assert cost == count * (2 * m * m * n + m**3) * ns_steps
-    assert cost == count * newton_schulz_flops(*matrix_shape(shape), 1) * ns_steps
+    assert cost == count * newton_schulz_flops(*matrix_shape(shape, view), 1) * ns_steps
+
+
+def test_stack_view_of_a_4d_kernel_is_refused():
+    kernel = torch.zeros(4, 4, 3, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*matrix_view"):
+        shardopt.Muon([{"params": [kernel], "matrix_view": "stack"}])
+    with pytest.raises(ValueError, match="Invalid matrix_view: 'rows'"):
+        shardopt.Muon([{"params": [kernel], "matrix_view": "rows"}])
 
 
 # ---------------------------------------------------------------------------
@@ -360,15 +374,17 @@ def test_muon_param_groups_placement_and_summary():
         model.lm_head.weight,
     ])
     placement = {name: (kind, shape, reason) for name, kind, shape, reason in groups.placement}
+    # By module type and shape (names only as overrides; tests/test_muon_grouping.py).
     assert placement == {
-        "embed.weight": ("adamw", (11, 8), "name matches 'embed'"),
-        "fc1.weight": ("muon", (16, 8), "hidden matrix"),
-        "fc1.bias": ("adamw", (16,), "1-D"),
-        "norm.weight": ("adamw", (16,), "1-D"),
-        "norm.bias": ("adamw", (16,), "1-D"),
-        "fc2.weight": ("muon", (8, 16), "hidden matrix"),
-        "lm_head.weight": ("adamw", (11, 8), "name matches 'lm_head'"),
+        "embed.weight": ("adamw", (11, 8), "embedding (nn.Embedding)"),
+        "fc1.weight": ("muon", (16, 8), "hidden matrix (nn.Linear)"),
+        "fc1.bias": ("adamw", (16,), "bias"),
+        "norm.weight": ("adamw", (16,), "norm (nn.LayerNorm)"),
+        "norm.bias": ("adamw", (16,), "norm (nn.LayerNorm)"),
+        "fc2.weight": ("muon", (8, 16), "hidden matrix (nn.Linear)"),
+        "lm_head.weight": ("adamw", (11, 8), "output head: 11 = embed.num_embeddings outputs"),
     }
+    assert "matrix_view" not in muon_group  # all 2-D: the rule's shape rule, torch.optim.Muon's keys
     summary = groups.summary()
     lines = summary.splitlines()
     for name, (kind, shape, _) in placement.items():

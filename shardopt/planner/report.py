@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..muon_optimizer import muon_param_groups
+from ..muon_grouping import muon_param_groups
 from ..rules.base import Granularity
 from ..zero.plan import DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan
 from ..zero.schedule import window_numel

@@ -20,6 +20,17 @@ replacement of every singular value by (about) one; see
 Only matrices take this rule; embeddings, the output head, norms and biases go
 to AdamW through their param group (:func:`shardopt.muon_param_groups`).
 The rule needs each matrix whole (:attr:`Granularity.MATRIX`).
+
+How a parameter of more than two dimensions becomes matrices is the group's
+``matrix_view`` (:func:`~shardopt.rules.newton_schulz.resolve_matrix_view`):
+``"flatten"`` (conv kernels, ``(shape[0], rest)``) or ``"stack"`` (3-D expert
+stacks, one matrix per slice); a group without the key keeps the shape rule (3-D
+stacks, 4-D and more flattened). It is a group key, not a per-parameter flag,
+because everything the ZeRO engine asks the rule (:meth:`MuonRule.transform_cost`,
+:meth:`~MuonRule.batches`, :meth:`~MuonRule.transform`,
+:meth:`~MuonRule.workspace_bytes`) sees a parameter's shape and its group's
+hyperparameters only. It is not in :attr:`MuonRule.defaults`, so a group of 2-D
+matrices has exactly torch.optim.Muon's keys.
 """
 
 from __future__ import annotations
@@ -36,7 +47,16 @@ from torch.profiler import record_function
 
 from .base import Granularity, MatrixRule, StateSpec
 from .checks import check_bool, check_nonneg, check_unit_interval
-from .newton_schulz import as_matrices, matrix_shape, newton_schulz_flops, orthogonalize, resolve_coefficients
+from .newton_schulz import (
+    MATRIX_VIEWS,
+    as_matrices,
+    matrix_count,
+    matrix_shape,
+    newton_schulz_flops,
+    orthogonalize,
+    resolve_coefficients,
+    resolve_matrix_view,
+)
 from .scalars import as_scalar, host_floats
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
@@ -86,6 +106,11 @@ def count_orthogonalized(events: Iterable[Any]) -> int:
     return sum(int(name.split()[-1].split("x")[0]) for *_, name in seen)
 
 
+def _view(hp: Mapping[str, Any]) -> str | None:
+    """The group's ``matrix_view``; None (the shape rule) when the group has no such key."""
+    return hp.get("matrix_view")
+
+
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -123,6 +148,9 @@ class MuonRule(MatrixRule):
                 f"(Invalid adjust_lr_fn: {hp['adjust_lr_fn']!r}; expected one of {ADJUST_LR_FNS})"
             )
         resolve_ns_dtype(hp["ns_dtype"])
+        if hp.get("matrix_view") not in (None, *MATRIX_VIEWS):
+            raise ValueError(f"Invalid matrix_view: {hp['matrix_view']!r} (expected one of {MATRIX_VIEWS}, "
+                             "or no key for the shape rule)")
 
     def check_param(self, param: Tensor, label: str) -> None:
         super().check_param(param, label)
@@ -165,23 +193,25 @@ class MuonRule(MatrixRule):
     def transform(self, directions: list[Tensor], hp: Mapping[str, Any]) -> list[Tensor]:
         coefficients = resolve_coefficients(hp["ns_coefficients"])
         dtype = resolve_ns_dtype(hp["ns_dtype"])
-        shape = tuple(directions[0].shape)
-        count = len(directions) * (shape[0] if len(shape) == 3 else 1)
-        with record_function(newton_schulz_range(count, *matrix_shape(shape))):
+        shape, view = tuple(directions[0].shape), _view(hp)
+        count = len(directions) * matrix_count(shape, view)
+        with record_function(newton_schulz_range(count, *matrix_shape(shape, view))):
             if len(directions) == 1:
-                outputs = [orthogonalize(as_matrices(directions[0]), coefficients, hp["ns_steps"],
+                outputs = [orthogonalize(as_matrices(directions[0], view), coefficients, hp["ns_steps"],
                                          eps=hp["eps"], dtype=dtype)]
             else:
-                stack = torch.cat([as_matrices(d).reshape(-1, *matrix_shape(shape)) for d in directions])
+                stack = torch.cat([as_matrices(d, view).reshape(-1, *matrix_shape(shape, view))
+                                   for d in directions])
                 ortho = orthogonalize(stack, coefficients, hp["ns_steps"], eps=hp["eps"], dtype=dtype)
                 outputs = list(ortho.split(stack.shape[0] // len(directions)))
         return outputs
 
     def transform_cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> int:
         """Multiply-adds of Newton-Schulz per optimizer step (``ns_steps`` iterations,
-        :func:`newton_schulz_flops`), summed over the matrices of a 3-D stack."""
-        count = shape[0] if len(shape) == 3 else 1
-        return count * newton_schulz_flops(*matrix_shape(shape), hp["ns_steps"])
+        :func:`newton_schulz_flops`), summed over the matrices of a 3-D stack
+        (``matrix_view``)."""
+        view = _view(hp)
+        return matrix_count(shape, view) * newton_schulz_flops(*matrix_shape(shape, view), hp["ns_steps"])
 
     def workspace_bytes(self, shapes: Sequence[tuple[int, ...]], hp: Mapping[str, Any],
                         master_dtype: torch.dtype) -> int:
@@ -202,7 +232,8 @@ class MuonRule(MatrixRule):
         * Newton-Schulz (:func:`orthogonalize`), at its peak inside the last
           ``addmm`` of a step: the current and the next X (``rows x cols``), the
           Gram matrix and the polynomial (``m x m``), ``k (2 rows cols + 2 m^2) s``;
-          a 3-D input (``n > 1`` or a 3-D parameter) also keeps its norms, ``k s``.
+          a 3-D input (``n > 1`` or a parameter read as a stack, ``matrix_view``)
+          also keeps its norms, ``k s``.
           The first step of a tall 2-D input of at least 60 x 60 elements adds
           ``3600 s``: ``addmm`` copies the transposed X into its result through
           torch's 60 x 60 block buffer (:data:`TRANSPOSE_BLOCK_NUMEL`). The input
@@ -231,14 +262,15 @@ class MuonRule(MatrixRule):
         promoted = torch.promote_types(ns_dtype, master_dtype)
         w, s, c = _itemsize(master_dtype), _itemsize(ns_dtype), _itemsize(promoted)
         peak = held = 0
+        view = _view(hp)
         for batch in self.batches(shapes, hp):
             shape = tuple(shapes[batch[0]])
-            rows, cols = matrix_shape(shape)
-            per_param = shape[0] if len(shape) == 3 else 1
+            rows, cols = matrix_shape(shape, view)
+            per_param = matrix_count(shape, view)
             count = len(batch) * per_param
             numel = count * rows * cols
             directions = numel * w if hp["nesterov"] else 0
-            stacked = len(batch) > 1 or len(shape) == 3
+            stacked = len(batch) > 1 or (len(shape) == 3 and resolve_matrix_view(view, shape) == "stack")
             stack = numel * w if len(batch) > 1 else 0
             newton_schulz = count * (2 * rows * cols + 2 * min(rows, cols) ** 2) * s
             if stacked:
@@ -261,7 +293,7 @@ class MuonRule(MatrixRule):
         in one transfer when ``lr`` is a Tensor (torch.optim.Muon computes ``1 - lr * wd``
         and ``lr * scale`` in the Tensor's dtype, then uses them as scalars)."""
         lr = as_scalar(hp["lr"])
-        scales = sorted({lr_scale(hp["adjust_lr_fn"], *matrix_shape(shape)) for shape in shapes})
+        scales = sorted({lr_scale(hp["adjust_lr_fn"], *matrix_shape(shape, _view(hp))) for shape in shapes})
         values = host_floats([1 - lr * hp["weight_decay"], *(-(lr * scale) for scale in scales)])
         return {**hp, "_decay": values[0], "_neg_step": dict(zip(scales, values[1:]))}
 
@@ -272,7 +304,7 @@ class MuonRule(MatrixRule):
 
     @torch.no_grad()
     def finish(self, param: Tensor, update: Tensor, shape: tuple[int, ...], hp: Mapping[str, Any]) -> None:
-        scale = lr_scale(hp["adjust_lr_fn"], *matrix_shape(shape))
+        scale = lr_scale(hp["adjust_lr_fn"], *matrix_shape(shape, _view(hp)))
         if "_decay" not in hp:  # called directly (ZeRO's MatrixStep), not through update()
             hp = self.host_scalars(hp, [shape])
         if hp["weight_decay"] != 0:

@@ -178,21 +178,54 @@ def newton_schulz_flops(rows: int, cols: int, ns_steps: int) -> int:
     return ns_steps * (2 * small * small * large + small**3)
 
 
-def as_matrices(tensor: Tensor) -> Tensor:
+# How a parameter of more than two dimensions becomes matrices (a param group's
+# ``matrix_view``): "flatten" keeps dim 0 as rows and folds the rest into columns,
+# as Jordan's reference does for conv kernels (``g.view(len(g), -1)``, Jordan 2024);
+# "stack" reads a 3-D (experts, rows, cols) parameter as one matrix per slice. A
+# group without the key (a raw parameter list; torch.optim.Muon's checkpoints) keeps
+# the shape rule: 3-D stacks, 4-D and more flattened.
+MATRIX_VIEWS = ("flatten", "stack")
+
+
+def resolve_matrix_view(view: object, shape: Sequence[int]) -> str:
+    """``"flatten"`` or ``"stack"``: how a parameter of ``shape`` in a group with
+    ``matrix_view=view`` (None: the shape rule) is orthogonalized.
+
+    Raises ValueError naming ``matrix_view`` for an unknown view, or a stack of a
+    parameter that is neither 3-D nor 2-D.
+    """
+    if view is None:
+        return "stack" if len(shape) == 3 else "flatten"
+    if view not in MATRIX_VIEWS:
+        raise ValueError(f"Invalid matrix_view: {view!r} (expected one of {MATRIX_VIEWS} or None)")
+    if view == "stack" and len(shape) not in (2, 3):
+        raise ValueError(f"Invalid matrix_view: 'stack' reads 3-D (stack, rows, cols) parameters "
+                         f"(or 2-D matrices), got shape {tuple(shape)}")
+    return str(view)
+
+
+def as_matrices(tensor: Tensor, view: str | None = None) -> Tensor:
     """The matrix (or stack of matrices) Muon orthogonalizes for a parameter.
 
-    2-D weights as they are; 3-D expert stacks (experts, rows, cols) per expert;
-    conv weights (out, in, kh, kw, ...) as (out, in*kh*kw...).
+    2-D weights as they are; with ``view="stack"`` a 3-D (experts, rows, cols)
+    parameter per expert; otherwise (``"flatten"``, conv kernels (out, in, *k) of
+    any dimensionality) as ``(shape[0], rest)``. ``view=None``: the shape rule of
+    :func:`resolve_matrix_view`.
     """
-    if tensor.ndim in (2, 3):
+    if tensor.ndim < 2:
+        raise ValueError(f"Muon needs parameters with at least 2 dimensions, got shape {tuple(tensor.shape)}")
+    if tensor.ndim == 2 or resolve_matrix_view(view, tensor.shape) == "stack":
         return tensor
-    if tensor.ndim > 3:
-        return tensor.reshape(tensor.shape[0], -1)
-    raise ValueError(f"Muon needs parameters with at least 2 dimensions, got shape {tuple(tensor.shape)}")
+    return tensor.reshape(tensor.shape[0], -1)
 
 
-def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+def matrix_shape(shape: Sequence[int], view: str | None = None) -> tuple[int, int]:
     """(rows, cols) of each matrix :func:`as_matrices` makes of a parameter of ``shape``."""
-    if len(shape) in (2, 3):
+    if len(shape) == 2 or (len(shape) == 3 and resolve_matrix_view(view, shape) == "stack"):
         return int(shape[-2]), int(shape[-1])
     return int(shape[0]), int(math.prod(shape[1:]))
+
+
+def matrix_count(shape: Sequence[int], view: str | None = None) -> int:
+    """How many matrices :func:`as_matrices` makes of a parameter of ``shape``."""
+    return int(shape[0]) if len(shape) == 3 and resolve_matrix_view(view, shape) == "stack" else 1
