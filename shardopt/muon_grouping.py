@@ -150,6 +150,10 @@ class _ModelFacts:
             # output layer" to AdamW; Moonlight: lm_head).
             vocab = self.vocab[linear.module.out_features]
             return f"output head: {linear.module.out_features} = {vocab}.num_embeddings outputs"
+        if linear is not None and linear.name == self.last_linear and HEAD_NAME.search(linear.name):
+            # The final output layer of a classifier (Jordan 2024: "the final output
+            # layer" to AdamW), known by being last and named like a head.
+            return f"output layer {linear.name!r} (last nn.Linear, named like a head)"
         return None
 
     def owner(self, param: Tensor) -> _Owner | None:
@@ -174,7 +178,8 @@ def muon_param_groups(
     fewer than ``min_ndim`` dimensions, and the output head onto the vocabulary (a
     Linear sharing an embedding's weight, or with ``out_features`` equal to an
     embedding's ``num_embeddings`` that is the model's last Linear or named like a head,
-    :data:`HEAD_NAME`) go to AdamW. Every other Linear weight and conv kernel goes to
+    :data:`HEAD_NAME`; or, whatever its size, the last Linear when it is named like a
+    head) go to AdamW. Every other Linear weight and conv kernel goes to
     Muon, conv kernels of any dimensionality flattened to ``(out, in*k)``, as is any
     other parameter of 2 or more dimensions, except 3-D parameters outside conv
     modules: expert stacks, one matrix per slice of dim 0. 3-D conv kernels (Conv1d)
