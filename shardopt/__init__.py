@@ -48,7 +48,7 @@ __all__ = [
 # (``shardopt.dist.init_from_env()``), imported on first use: the planner and
 # the deprecated alias stay out of ``import shardopt`` (the engine never loads
 # the planner; ``shardopt.memory`` warns only when one of its names is used).
-_SUBMODULES = frozenset({"checkpoint", "dist", "memory", "planner", "rules", "schedules", "zero"})
+_SUBMODULES = frozenset({"checkpoint", "dist", "dtensor", "memory", "planner", "rules", "schedules", "zero"})
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from .checks import UnsupportedParamError, check_betas, check_bool, check_nonneg, check_unit_interval
+from .local import split_local
 from .scalars import step_values
 
 
@@ -283,7 +284,16 @@ def apply_update(
     states: list[dict[str, Tensor]],
     hp: Mapping[str, Any],
 ) -> None:
-    """``rule.update`` over cache-sized lists on CPU; one call elsewhere or for matrix rules."""
+    """``rule.update`` over cache-sized lists on CPU; one call elsewhere or for matrix rules.
+
+    An elementwise rule on DTensor parameters runs on their local shards, without
+    communication, where gradient and states share the parameter's layout
+    (:mod:`.local`); other DTensors go to the rule as they are.
+    """
+    if rule.granularity is Granularity.ELEMENTWISE and params:
+        (params, grads, states), distributed = split_local(params, grads, states)
+        if distributed[0]:
+            rule.update(*distributed, hp)
     if (
         rule.granularity is not Granularity.ELEMENTWISE
         or not params
