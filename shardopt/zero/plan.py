@@ -304,14 +304,18 @@ class ShardPlan:
         A member that does not orthogonalize sends its part of the update to the
         owner; the owner sends every other member its part of the result.
         """
-        total = 0
+        return self._exchange_numels[rank]
+
+    @functools.cached_property
+    def _exchange_numels(self) -> tuple[int, ...]:
+        # Every rank's in one pass over the straddlers (a pass per rank is quadratic).
+        sent = [0] * self.world_size
         for straddler in self.straddlers:
             for member, part in zip(straddler.members, straddler.parts):
-                if member == rank and rank != straddler.owner:
-                    total += part
-            if straddler.owner == rank:
-                total += sum(p for m, p in zip(straddler.members, straddler.parts) if m != rank)
-        return total
+                if member != straddler.owner:
+                    sent[member] += part  # the member's part of the update, to the owner
+                    sent[straddler.owner] += part  # and the owner's result, back
+        return tuple(sent)
 
     def owned_matrices(self, rank: int) -> tuple[ParamInfo, ...]:
         """The matrices ``rank`` transforms (Muon: orthogonalizes), in storage order."""
