@@ -136,9 +136,11 @@ def chain(rank: int, world: int, root: str) -> bytes:
 
 
 def fresh(rank: int, world: int, root: str) -> bytes:
-    """New processes at 2 ranks: every config from its world-2 checkpoint, and reshard 3 -> 2."""
+    """New processes at 2 ranks: every config from its world-2 checkpoint, reshard 3 -> 2, and
+    :func:`interop` with FSDP2 + torch.optim."""
     return pack({"from2@2": resume(rank, world, root, [*CONFIGS, "default"], 2),
-                 "from3@2": resume(rank, world, root, RESHARD, 3)})
+                 "from3@2": resume(rank, world, root, RESHARD, 3),
+                 "interop": interop(rank, world, root), "memory": memory(rank, world, root)})
 
 
 def pack(out: dict[str, object]) -> bytes:
@@ -151,3 +153,106 @@ def pack(out: dict[str, object]) -> bytes:
 
 def results(payload: bytes) -> dict[str, object]:
     return torch.load(io.BytesIO(payload), weights_only=False)
+
+
+def _fsdp(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """TinyLM under torch's FSDP2 (``fully_shard``: ``Shard(0)`` DTensor parameters) + torch.optim.AdamW."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = TinyLM()
+    fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), **HP)
+
+
+def _torch_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, object]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+
+
+def _full_params(model: nn.Module) -> list[torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    return [(p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for p in model.parameters()]
+
+
+def _train_any(model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int, world: int) -> None:
+    for step in steps:
+        lm_loss(model, local(batch(step), rank, world)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def interop(rank: int, world: int, root: str) -> dict[str, object]:
+    """ZeroOptimizer(AdamW) -> FSDP2 + torch.optim.AdamW and back, each continued N steps and
+    compared with the uninterrupted run of the saving side (rank 0's full parameters)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    out: dict[str, object] = {}
+    zero_root, torch_root = Path(root) / "interop-zero", Path(root) / "interop-fsdp2"
+    # shardopt saves, FSDP2 + torch.optim resumes.
+    model, opt = build("adamw/stage2")
+    train(model, opt, "adamw/stage2", range(N), rank, world)
+    checkpoint.save(state_of(model, opt), zero_root, N)
+    train(model, opt, "adamw/stage2", range(N, 2 * N), rank, world)
+    out["zero"] = _full_params(model)
+    fsdp, torch_opt = _fsdp(seed=123)
+    state = _torch_state(fsdp, torch_opt)
+    dcp.load(state, checkpoint_id=str(checkpoint.latest(zero_root)))
+    set_model_state_dict(fsdp, state["model"])
+    set_optimizer_state_dict(fsdp, torch_opt, state["optim"])
+    out["zero->fsdp2/step"] = [float(s["step"]) for s in torch_opt.state.values()]
+    _train_any(fsdp, torch_opt, range(N, 2 * N), rank, world)
+    out["zero->fsdp2"] = _full_params(fsdp)
+    # FSDP2 + torch.optim saves (torch's functions), shardopt resumes through checkpoint.load.
+    fsdp, torch_opt = _fsdp(seed=0)
+    _train_any(fsdp, torch_opt, range(N), rank, world)
+    checkpoint.save(_torch_state(fsdp, torch_opt), torch_root, N)
+    _train_any(fsdp, torch_opt, range(N, 2 * N), rank, world)
+    out["fsdp2"] = _full_params(fsdp)
+    for config in ("adamw/stage1", "adamw/stage2"):
+        model, opt = build(config, seed=123)
+        checkpoint.load(state_of(model, opt), checkpoint.latest(torch_root))
+        train(model, opt, config, range(N, 2 * N), rank, world)
+        out[f"fsdp2->{config}"] = _full_params(model)
+    return out
+
+
+def _area_bytes(opt: shardopt.ZeroOptimizer) -> int:
+    """Bytes of this rank's areas: its pieces of every state and of the fp32 master weights."""
+    total = 0
+    for buffers in opt.sharded_state().storages:
+        total += sum(t.numel() * t.element_size() for t in buffers.states.values() if t.dim())
+        if buffers.master_separate():
+            total += buffers.master.numel() * buffers.master.element_size()
+    return total
+
+
+def memory(rank: int, world: int, root: str) -> dict[str, int]:
+    """Peak bytes that ``checkpoint.save`` and ``checkpoint.load`` allocate beyond what exists (torch's
+    CPU allocator events under the profiler, tests/test_matrix_workspace.py's method), next to this
+    rank's area bytes and the largest parameter's bytes."""
+    from test_matrix_workspace import allocation_peak
+
+    def build_big(seed: int) -> tuple[nn.Module, shardopt.ZeroOptimizer]:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(256, 384), nn.Linear(384, 256), nn.Linear(256, 64))
+        return model, shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, bucket_numel=50_000, **HP)
+
+    model, opt = build_big(0)
+    for step in range(2):
+        torch.manual_seed(step)
+        model(torch.randn(8, 256)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    where = Path(root) / "memory"
+    save_peak, _ = allocation_peak(lambda: checkpoint.save(state_of(model, opt), where, 2))
+    other, other_opt = build_big(1)
+    state = state_of(other, other_opt)
+    checkpoint.get_optimizer_state_dict(other, other_opt)  # allocates the states outside the window
+    load_peak, _ = allocation_peak(lambda: checkpoint.load(state, checkpoint.latest(where)))
+    equal = all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+    return {"save": save_peak, "load": load_peak, "area": _area_bytes(opt), "equal": equal,
+            "largest_param": max(p.numel() * p.element_size() for p in model.parameters())}

@@ -3,7 +3,8 @@ and refuse what does not fit (tests/checkpoint_workers.py runs on the spawned ra
 
 Two spawns: 4 ranks save at 2 (a sub-group), load that at 3 and save there,
 load that at 4; then 2 new processes load both. World 1 loads in this process
-(no process group).
+(no process group). The 2-process spawn also runs the interop with FSDP2 +
+torch.optim both ways and measures the peak memory of a save and a load.
 """
 
 from __future__ import annotations
@@ -178,3 +179,105 @@ def test_latest_skips_incomplete_checkpoints(tmp_path):
     (tmp_path / "step-000000007").mkdir()  # no metadata: not complete
     assert checkpoint.latest(tmp_path) == tmp_path / "step-000000005"
     assert checkpoint.step_of(checkpoint.latest(tmp_path)) == 5
+
+
+def test_interop_with_fsdp2_and_torch_optim_both_ways(runs):
+    """ZeroOptimizer's checkpoint into FSDP2 + torch.optim.AdamW (torch's dcp.load and
+    set_optimizer_state_dict) and FSDP2's into ZeroOptimizer (checkpoint.load), both continued
+    N steps at 2 ranks and compared with the saving side's uninterrupted run."""
+    out = runs["interop"]
+    assert out["zero->fsdp2/step"] == [float(N)] * len(out["zero->fsdp2/step"])
+    assert _max_diff(out["zero"], out["zero->fsdp2"]) <= TOL
+    for config in ("adamw/stage1", "adamw/stage2"):
+        assert _max_diff(out["fsdp2"], out[f"fsdp2->{config}"]) <= TOL, config
+
+
+def test_save_and_load_allocate_at_most_one_rank_area(runs):
+    """Measured (profiler allocator events): a save copies at most a box at a time, a load reads
+    into the areas (the largest transient is one replicated model parameter)."""
+    measured = runs["memory"]  # rank 0's
+    assert measured["equal"]
+    assert 0 < measured["save"] <= measured["area"], measured
+    assert 0 < measured["load"] <= measured["area"], measured
+
+
+def _torch_checkpoint(tmp_path, steps: int = 2):
+    """A single-process torch.optim.AdamW checkpoint in DCP, saved with torch's state-dict functions."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.AdamW(model.parameters(), **HP)
+    for step in range(steps):
+        lm_loss(model, batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+    checkpoint.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                    tmp_path, steps)
+    return model, opt, checkpoint.latest(tmp_path)
+
+
+def test_torch_optim_checkpoint_loads_checked_into_zero_optimizer(tmp_path):
+    ref, ref_opt, path = _torch_checkpoint(tmp_path)
+    model, opt = build("adamw/stage2", seed=5)
+    checkpoint.load(state_of(model, opt), path)
+    for step in range(2, 4):
+        for m, o in ((ref, ref_opt), (model, opt)):
+            lm_loss(m, batch(step)).backward()
+            o.step()
+            o.zero_grad()
+    assert max((a - b).abs().max().item() for a, b in zip(ref.parameters(), model.parameters())) <= TOL
+    # Checked from the checkpoint's metadata and param-group names before anything is read.
+    reshaped = TinyLM()
+    reshaped.up = torch.nn.Linear(12, 30)
+    other = shardopt.ZeroOptimizer(reshaped.parameters(), shardopt.AdamW, **HP)
+    with pytest.raises(ValueError, match=r"up\.weight has shape \(31, 12\) in the checkpoint"):
+        checkpoint.load(state_of(reshaped, other), path)
+    extra = TinyLM(extra_branch=True)
+    other = shardopt.ZeroOptimizer(extra.parameters(), shardopt.AdamW, **HP)
+    with pytest.raises(ValueError, match=r"param group 0 .* 'branch\.weight'"):
+        checkpoint.load(state_of(extra, other), path)
+    sgd_model = TinyLM()
+    sgd = shardopt.ZeroOptimizer(sgd_model.parameters(), shardopt.SGD, lr=0.1, momentum=0.9)
+    checkpoint.get_optimizer_state_dict(sgd_model, sgd)  # allocates the states (initial values)
+    before = _snapshot(sgd)
+    keeps = r"has states \['exp_avg', 'exp_avg_sq', 'step'\] in the checkpoint, this optimizer's rule keeps"
+    with pytest.raises(ValueError, match=keeps + r" \['momentum_buffer'\]"):
+        checkpoint.load(state_of(sgd_model, sgd), path)
+    assert _equal_states(before, _snapshot(sgd))
+
+
+def test_torch_optim_checkpoint_gives_master_weights_from_the_parameters(tmp_path):
+    """bf16 parameters with separate fp32 master weights: a torch checkpoint has none; they start
+    from the loaded parameters."""
+    _, _, path = _torch_checkpoint(tmp_path)
+    torch.manual_seed(3)
+    model = TinyLM().to(torch.bfloat16)
+    opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, **HP)
+    assert any(s.master_separate() for s in opt.storages)
+    checkpoint.load(state_of(model, opt), path)
+    for buffers in opt.sharded_state().storages:
+        for piece in buffers.storage.pieces(0):
+            param = list(model.parameters())[piece.param].detach().reshape(-1).float()
+            master = buffers.master[piece.offset : piece.offset + piece.numel]
+            assert torch.equal(master, param[piece.param_offset : piece.param_offset + piece.numel])
+
+
+def test_convert_command_both_ways(tmp_path, capsys):
+    """``python -m shardopt.checkpoint.convert``'s ``main``: a root of checkpoints -> one file (its
+    newest complete one), and the file -> a DCP directory that loads into a ZeroOptimizer."""
+    from shardopt.checkpoint.convert import main
+
+    model, opt = _trained("adamw/stage2")
+    checkpoint.save(state_of(model, opt), tmp_path / "ckpt", 2)
+    assert main([str(tmp_path / "ckpt"), str(tmp_path / "full.pt")]) == 0
+    saved = torch.load(tmp_path / "full.pt", weights_only=False)
+    assert _equal_states(checkpoint.full_state_dict_from_dcp(saved["optim"]), opt.full_state_dict())
+    assert main([str(tmp_path / "full.pt"), str(tmp_path / "back" / "step-000000002")]) == 0
+    other, other_opt = build("adamw/stage2", seed=5)
+    checkpoint.load(state_of(other, other_opt), checkpoint.latest(tmp_path / "back"))
+    assert _equal_states(other_opt.full_state_dict(), opt.full_state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+    capsys.readouterr()
+    assert main([str(tmp_path / "missing"), str(tmp_path / "x.pt")]) == 2
+    assert "Invalid source" in capsys.readouterr().err

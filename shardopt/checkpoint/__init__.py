@@ -16,12 +16,16 @@ logical parameter shapes). Covered today: :class:`~shardopt.ZeroOptimizer`
 (every rule, Muon with its AdamW group, fp32 master weights, steps, skipped
 steps). The FSDP2 path plugs in at :func:`get_optimizer_state_dict` /
 :func:`set_optimizer_state_dict` (dispatch on the optimizer) and
-:func:`.boxes.local_pieces` (reading ``Shard(0)`` DTensors). See
-docs/checkpointing.md.
+:func:`.boxes.local_pieces` (reading ``Shard(0)`` DTensors). Checkpoints of
+FSDP2 + torch.optim (torch's ``get_optimizer_state_dict``) load through
+:func:`load`, checked from their metadata (:mod:`.foreign`), and shardopt's load
+into FSDP2 + torch.optim with torch's functions. ``python -m
+shardopt.checkpoint.convert SRC DST`` converts to one ``torch.save`` file and
+back. See docs/checkpointing.md.
 """
 
-from .convert import full_state_dict_from_dcp
 from .files import checkpoint_dir, latest, load, save, step_of
+from .full import full_state_dict_from_dcp
 from .state_dict import (
     FORMAT,
     OptimizerState,

@@ -130,20 +130,32 @@ def load(state: dict[str, Any], path: str | os.PathLike, *, process_group: Any |
     checkpoint's integrity record (rule, parameter names and shapes) against its model and
     optimizer, so that a mismatch raises before ``dcp.load`` writes anything in place.
 
-    A collective. (Plain ``dcp.load`` works too; it catches missing names and
-    shapes before reading, but a checkpoint with extra parameters or another
-    rule of the same state names only in ``load_state_dict``, after the reads.)
+    A collective. A checkpoint without the record under that key (torch.optim's,
+    e.g. FSDP2 + torch.optim saved with ``torch.distributed.checkpoint.state_dict``)
+    is checked from its metadata instead (names, shapes, state names, param
+    groups: :mod:`shardopt.checkpoint.foreign`) and loaded without fp32 master
+    weights (taken from the model's parameters, which ``state`` must hold under
+    another key) or skipped-step counter. (Plain ``dcp.load`` works too; it
+    catches missing names and shapes before reading, but a checkpoint with extra
+    parameters or another rule of the same state names only in
+    ``load_state_dict``, after the reads.)
     """
-    from .state_dict import OptimizerState, check_meta, read_meta
+    from .foreign import foreign_request, saved_keys
+    from .state_dict import OptimizerState, check_meta, read_meta, set_optimizer_state_dict
 
+    saved: Any = None
+    foreign: dict[str, dict[str, Any]] = {}
     for key, value in state.items():
         if not isinstance(value, OptimizerState):
             continue
+        saved = saved_keys(path) if saved is None else saved
+        if f"{key}.shardopt.meta" not in saved:
+            foreign[key] = foreign_request(key, value.model, value.optimizer, path, saved, process_group)
+            continue
         probe: dict[str, Any] = {key: {"shardopt": {"meta": ""}}}
-        try:
-            dcp.load(probe, checkpoint_id=str(path), process_group=process_group)
-        except Exception as error:  # DCP names no key we could show better; say which one we need
-            raise ValueError(f"Invalid checkpoint {path}: no shardopt optimizer state under {key!r} "
-                             f"({type(error).__name__}: {str(error)[:200]})") from error
+        dcp.load(probe, checkpoint_id=str(path), process_group=process_group)
         check_meta(read_meta(probe[key]) or {}, value.model, value.optimizer)
-    dcp.load(state, checkpoint_id=str(path), process_group=process_group)
+    # Foreign entries are plain dicts read in place, loaded after the model's tensors are (masters).
+    dcp.load({**state, **foreign}, checkpoint_id=str(path), process_group=process_group)
+    for key, request in foreign.items():
+        set_optimizer_state_dict(state[key].model, state[key].optimizer, request)

@@ -192,6 +192,13 @@ def set_optimizer_state_dict(model: nn.Module, optimizer: ZeroOptimizer, state_d
     this rank's pieces are covered. The errors name the parameter. Not a
     collective; no ``step()`` and no gather. Tensors that already are this
     optimizer's memory (``dcp.load`` into :func:`get_optimizer_state_dict`) are not copied.
+
+    A dict without the ``"shardopt"`` entry (torch.optim's, e.g. from FSDP2 and
+    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``) has no
+    integrity record and no fp32 master weights: where this optimizer keeps them
+    apart from lower-precision parameters they are taken from the model's
+    parameters (load the model first), and parameters without state start from
+    the rule's initial values, as in torch.optim.
     """
     opt = _check_optimizer(optimizer)
     state = opt.sharded_state()
@@ -220,13 +227,19 @@ def set_optimizer_state_dict(model: nn.Module, optimizer: ZeroOptimizer, state_d
         if fqn not in index_of:
             raise ValueError(f"Invalid state_dict: state for {fqn!r}, which is not a parameter of this optimizer")
         entries[index_of[fqn]] = dict(entry)
-    extra = state_dict.get("shardopt", {})
+    # No "shardopt" entry: a torch.optim checkpoint (e.g. FSDP2's), which keeps no separate fp32
+    # master weights; they start from the model's parameters (loaded first, see docs).
+    extra = state_dict.get("shardopt")
+    params = dict(model.named_parameters()) if extra is None else None
+    extra = extra or {}
     before = [dict(group) for group in state.param_groups]
     for saved, group in zip(saved_groups, state.param_groups):
         group.update({key: value for key, value in saved.items() if key != "params"})
     try:
         # The rule's state names depend on the saved hyperparameters: checked with them applied.
-        fills, copies, scalars = _plan_load(state, names, entries, extra.get("master_weights"))
+        masters = extra.get("master_weights") if params is None else {
+            fqn: params[fqn].detach() for fqn in names}
+        fills, copies, scalars = _plan_load(state, names, entries, masters)
     except Exception:
         for group, old in zip(state.param_groups, before):
             group.clear()
