@@ -142,3 +142,17 @@ def test_malformed_config_json_names_the_field(capsys, tmp_path):
     code, _, err = run(capsys, "--model", str(path))
     assert code == 2
     assert "field 'num_hidden_layers' must be a positive integer, got '32'" in err
+
+
+def test_the_shardopt_command_dispatches_plan_and_checkpoint_convert(capsys, tmp_path):
+    from shardopt.cli import main as shardopt_main
+
+    assert shardopt_main([]) == 2
+    assert "shardopt checkpoint convert SRC DST" in capsys.readouterr().out
+    assert shardopt_main(["--help"]) == 0
+    assert shardopt_main(["checkpoint", "merge"]) == 2
+    assert "expected 'convert SRC DST'" in capsys.readouterr().err
+    assert shardopt_main(["checkpoint", "convert", str(tmp_path / "missing"), str(tmp_path / "x.pt")]) == 2
+    assert "Invalid source" in capsys.readouterr().err
+    assert shardopt_main(["plan", "--model", "llama2-7b", "--dp", "8"]) == 0
+    assert "llama2-7b" in capsys.readouterr().out

@@ -58,10 +58,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     raise ValueError(f"Invalid source: {src} does not exist (expected a DCP checkpoint directory or a torch.save file)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m shardopt.checkpoint.convert SRC DST``: exit status 0, or 2 with one line on stderr."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m shardopt.checkpoint.convert") -> int:
+    """``shardopt checkpoint convert SRC DST`` (or ``python -m shardopt.checkpoint.convert``):
+    exit status 0, or 2 with one line on stderr."""
     parser = argparse.ArgumentParser(
-        prog="python -m shardopt.checkpoint.convert",
+        prog=prog,
         description="Convert a DCP checkpoint directory to one torch.save file, or a torch.save file to a DCP "
                     "checkpoint directory (the direction follows SRC).")
     parser.add_argument("src", help="DCP checkpoint directory, a root of step-N checkpoints, or a .pt file")
