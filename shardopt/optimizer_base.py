@@ -28,13 +28,14 @@ parameter (:mod:`shardopt.rules.scalars`).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .rules.base import StateShape, UpdateRule, apply_update
+from .rules.base import MatrixRule, StateShape, UpdateRule, apply_update
 from .rules.state_check import check_loaded_state
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
@@ -233,5 +234,19 @@ class RuleOptimizer(torch.optim.Optimizer):
                 params.append(param)
                 grads.append(param.grad)
                 states.append(self.init_state(param, group))
-            apply_update(self.rule_for_group(group), params, grads, states, group)
+            rule = self.rule_for_group(group)
+            if isinstance(rule, MatrixRule) and any(_is_dtensor(p) for p in params):
+                # FSDP2/TP matrices: each transformed once, by one owner rank (docs/design/dtensor.md).
+                from .dtensor.muon import dtensor_matrix_update
+
+                dtensor_matrix_update(rule, params, grads, states, group)
+                continue
+            apply_update(rule, params, grads, states, group)
         return loss
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    # No DTensor exists before torch.distributed.tensor is imported; importing it here
+    # would only slow down single-process use.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)

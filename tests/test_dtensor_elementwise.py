@@ -75,10 +75,10 @@ def test_clip_by_the_global_norm(case):
             assert counts == [2 * MESHES[case]] + [MESHES[case]] * (len(w.COUNTED_STEPS) - 1)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_the_same_run_twice_is_bitwise_identical(case):
+def test_the_same_run_twice_is_bitwise_identical():
     # The second run cuts the local shards into pieces (shardopt's CPU chunking).
-    for out in results(case):
+    for out in results("fsdp"):
+        assert len(out["digests"]) == 2
         assert out["digests"][0] == out["digests"][1]
         assert out["norms_equal"]
 

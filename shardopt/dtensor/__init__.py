@@ -6,8 +6,13 @@ nothing from here: they step DTensor parameters shard by shard with no
 communication. :func:`clip_grad_norm_` clips by the global gradient norm across
 every shard and mesh, which ``torch.nn.utils.clip_grad_norm_`` cannot do once
 parameters live on different meshes (FSDP2 x TP with parameters left out of TP).
+
+:func:`dtensor_matrix_update` is the distributed matrix step (Muon) that
+:class:`shardopt.Muon` runs by itself on DTensor parameters: each matrix
+orthogonalized once, on one owner, after one bucketed ``all_to_all_single``.
 """
 
 from .clip import clip_grad_norm_, grad_norm
+from .muon import assign_owners, dtensor_matrix_update
 
-__all__ = ["clip_grad_norm_", "grad_norm"]
+__all__ = ["assign_owners", "clip_grad_norm_", "dtensor_matrix_update", "grad_norm"]
