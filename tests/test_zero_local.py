@@ -266,7 +266,7 @@ def test_a_heavily_padded_plan_warns():
 
     from plan_infos import param_info
 
-    from shardopt.zero.optimizer import warn_if_padded
+    from shardopt.zero.checks import warn_if_padded
 
     big = [param_info(i, f"m{i}", (1024, 1024), "float32", 0, shardopt.Granularity.MATRIX) for i in range(2)]
     # Two whole 1M-element matrices over 8 ranks: six areas are all padding.

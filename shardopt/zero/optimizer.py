@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -38,10 +37,10 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from ..optimizer_base import ParamsT, RuleOptimizer
-from ..optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
+from ..optimizer_base import ParamsT
+from ..optimizers import AdamW
 from ..rules.base import Granularity, StateSpec, apply_update
-from . import checkpoint
+from . import checkpoint, checks
 from .buffers import BucketBuffers, StorageBuffers, gradient_sharding, storage_bytes
 from .comm import default_group, digest_tensor
 from .comm_gloo import communicator_for
@@ -50,19 +49,6 @@ from .matrix_step import MatrixStep
 from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, Storage
 from .policy import PrecisionPolicy
 from .reducer import GradientReducer
-
-# Warn when padding exceeds this share of a plan of at least this many elements
-# (tiny test models pad proportionally more and do not matter).
-PADDING_WARN_FRACTION = 0.25
-PADDING_WARN_MIN_NUMEL = 1 << 20
-
-_TORCH_EQUIVALENTS: dict[type, type[RuleOptimizer]] = {
-    torch.optim.SGD: SGD,
-    torch.optim.Adagrad: Adagrad,
-    torch.optim.RMSprop: RMSprop,
-    torch.optim.Adam: Adam,
-    torch.optim.AdamW: AdamW,
-}
 
 # id(param) -> the live ZeroOptimizer whose backward hooks take that parameter's
 # gradient. Weak: an optimizer nobody holds any more drops out. (Its hooks hold it
@@ -129,7 +115,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf
         ):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (expected a float > 0 or None)")
-        optimizer_class = _resolve_class(optimizer_class)
+        optimizer_class = checks.resolve_class(optimizer_class)
         self._constructed = False
         self.inner = optimizer_class(params, **defaults)
         super().__init__(self.inner.param_groups, self.inner.defaults)
@@ -147,7 +133,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if len(devices) > 1:
             raise ValueError(f"Invalid params: all parameters must be on one device, got {devices}")
         self.device = devices.pop() if devices else torch.device("cpu")
-        _refuse_fp16(self.params.values(), self.precision, self.inner.param_label)
+        checks.refuse_fp16(self.params.values(), self.precision, self.inner.param_label)
         group_of = {id(p): g for g, group in enumerate(self.param_groups) for p in group["params"]}
         infos = [self._param_info(index, p, group_of[id(p)]) for index, p in self.params.items()]
         self.sharding = gradient_sharding(stage, self.comm.world_size)
@@ -155,8 +141,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             infos, self.comm.world_size, bucket_numel=bucket_numel, align_numel=DEFAULT_ALIGN_NUMEL,
             matrix_layout=matrix_layout, shard_gradients=self.sharding.shards,
         )
-        warn_if_padded(self.plan)
-        _reject_ddp(self.params.values(), self.inner.param_label)
+        checks.warn_if_padded(self.plan)
+        checks.reject_ddp(self.params.values(), self.inner.param_label)
         self._reject_owned()
         self._verify_same_params(infos)
         self.storages = [self._make_storage(storage) for storage in self.plan.storages]
@@ -461,69 +447,3 @@ class ZeroOptimizer(torch.optim.Optimizer):
         shard = checkpoint.load_state_dict(self._sharded_state(), state_dict)
         if shard is not None:
             self.num_skipped_steps = shard.get("num_skipped_steps", 0)
-
-
-def warn_if_padded(plan: ShardPlan) -> None:
-    """Warn when a plan pads much: ``matrix_layout="whole"`` with matrices large against the areas."""
-    if plan.used_numel >= PADDING_WARN_MIN_NUMEL and plan.padding_numel > PADDING_WARN_FRACTION * plan.used_numel:
-        warnings.warn(
-            f"shard plan pads {plan.padding_numel:,} elements for {plan.used_numel:,} used "
-            f"({100 * plan.padding_numel / plan.used_numel:.0f}%): matrices kept whole on owner ranks "
-            "are large against the per-rank share; use matrix_layout='balanced' "
-            "(see docs/design/muon-at-scale.md)",
-            stacklevel=3,
-        )
-
-
-def _refuse_fp16(params: Any, precision: PrecisionPolicy, label: Callable[[Tensor], str]) -> None:
-    """Raise for float16 parameters or reduction: fp16 needs loss scaling, which this engine lacks.
-
-    fp16's 5-bit exponent flushes small gradients to zero unless the loss is
-    scaled (Micikevicius et al. 2018, "Mixed Precision Training", section 3.2),
-    and ``torch.amp.GradScaler`` cannot unscale stage-2 gradients, which never
-    reach ``p.grad``. bfloat16 costs the same memory with fp32's exponent range.
-    """
-    if precision.reduce_dtype == torch.float16:
-        raise ValueError("Invalid precision: reduce_dtype=torch.float16 needs loss scaling, which ZeroOptimizer "
-                         "does not implement; use torch.bfloat16 (same bytes, fp32's range) or torch.float32")
-    for param in params:
-        if param.dtype == torch.float16:
-            raise ValueError(f"Invalid params: {label(param)} is float16, which needs loss scaling that "
-                             "ZeroOptimizer does not implement; convert the model to bfloat16 (same memory, "
-                             "fp32's range) or keep it float32")
-
-
-def _reject_ddp(params: Any, label: Callable[[Tensor], str]) -> None:
-    """Raise if a DistributedDataParallel module holds any of ``params``.
-
-    DDP would average every gradient a second time (all-reduce) before these
-    hooks reduce-scatter it: the result is the same, the traffic 1.5x, and the
-    two reducers race for ``p.grad``. Finding DDP modules by walking the
-    garbage collector's objects costs tens of milliseconds, once.
-    """
-    import gc
-
-    from torch.nn.parallel import DistributedDataParallel
-
-    ours = {id(p): p for p in params}
-    for obj in gc.get_objects():
-        # type(), not isinstance(): some objects warn when their __class__ is read.
-        if issubclass(type(obj), DistributedDataParallel):
-            for param in obj.module.parameters():
-                if id(param) in ours:
-                    raise ValueError(
-                        f"Invalid params: {label(ours[id(param)])} belongs to a model wrapped in "
-                        "DistributedDataParallel; ZeroOptimizer averages gradients itself. Pass the "
-                        "unwrapped model's parameters (ddp_model.module.parameters()) and drop DDP"
-                    )
-
-
-def _resolve_class(optimizer_class: Any) -> type[RuleOptimizer]:
-    if isinstance(optimizer_class, type) and issubclass(optimizer_class, RuleOptimizer):
-        return optimizer_class
-    if optimizer_class in _TORCH_EQUIVALENTS:
-        return _TORCH_EQUIVALENTS[optimizer_class]
-    raise TypeError(
-        f"Invalid optimizer_class: {optimizer_class!r} (expected a shardopt optimizer class such "
-        "as shardopt.AdamW, or one of torch.optim.SGD, Adagrad, RMSprop, Adam, AdamW)"
-    )
