@@ -152,10 +152,10 @@ EQUIVALENCE = [(layout, stage, bucket_numel, ns_dtype)
 
 
 def equivalence_variants(world: int) -> list[tuple[str, int, int, str]]:
-    """The variants run at ``world`` ranks: all at 1 and 2; at 3 and 4 each layout
-    configuration once, with the Newton-Schulz dtypes alternating between the two
-    world sizes (every variant still runs at 3 or 4 ranks, at half the cost)."""
-    if world <= 2:
+    """The variants run at ``world`` ranks: all at 2; at 1, 3 and 4 each layout
+    configuration once, with the Newton-Schulz dtypes alternating (3 and 4 between
+    them run every variant; 1, without communication, needs only each layout)."""
+    if world == 2:
         return list(EQUIVALENCE)
     return [v for i, v in enumerate(EQUIVALENCE) if (i // 2 + i % 2 + world) % 2 == 0]
 
