@@ -19,15 +19,16 @@ import copy
 import pytest
 import torch
 
-import shardopt
-
-pytest.importorskip("expecttest", reason="torch.testing._internal needs expecttest (the dev extra)")
+# torch.testing._internal imports expecttest, which the dev extra installs: a missing
+# install must fail here, not skip the module.
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.testing._internal.common_optimizers import (
     OptimizerErrorEnum,
     _get_optim_inputs_including_global_cliquey_kwargs,
     optim_db,
 )
+
+import shardopt
 
 NAMES = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Muon")
 INFOS = {info.name: info for info in optim_db if info.name in NAMES}

@@ -101,10 +101,10 @@ class _Staged(AsyncStager):
         return state_dict
 
     def synchronize_staging(self) -> None:
-        pass
+        """Nothing to wait for: the copy was made before ``async_save`` was called."""
 
     def close(self) -> None:
-        pass
+        """No resources of its own to release."""
 
 
 def latest(root: str | os.PathLike) -> Path | None:

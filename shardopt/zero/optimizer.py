@@ -312,11 +312,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for grad in grads:
             if grad.numel():
                 stats[0] += torch.linalg.vector_norm(grad, dtype=torch.float32).double() ** 2
-        if not bool(torch.isfinite(stats[0])):
+        finite = bool(torch.isfinite(stats[0]))  # the step's one host synchronisation before the all-reduce
+        if not finite:
             # fp32 squares overflow above ~1.8e19: tell large finite gradients from
             # non-finite ones in float64 (this branch is the rare one).
             stats[0] = sum(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads if g.numel())
-        stats[1] = float(not bool(torch.isfinite(stats[0])))
+            finite = bool(torch.isfinite(stats[0]))
+        stats[1] = float(not finite)
         self.comm.all_reduce_sum(stats)
         sum_sq, num_nonfinite = stats.tolist()
         self.last_grad_norm = math.sqrt(sum_sq) if math.isfinite(sum_sq) else math.inf
