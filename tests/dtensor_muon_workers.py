@@ -20,7 +20,8 @@ from torch import nn
 
 STEPS = 12
 D_IN, H0, H1, H2, BATCH = 6, 16, 15, 9, 8
-COUNTED_STEPS = (0, STEPS - 1)
+COUNTED_STEPS = (0, STEPS - 1)  # the first plans the exchange (one fingerprint all-gather)
+BUCKET_NUMEL = 64
 
 
 class Net(nn.Module):
@@ -113,19 +114,18 @@ def _shard(model: nn.Module, device: str, mode: str) -> tuple[int, int]:
         fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p is fc2 else Shard(0))
         return mesh.get_local_rank(), world
     mesh = init_device_mesh(device, (world // 2, 2), mesh_dim_names=("dp", "tp"))
-    # Every Muon matrix in TP (a matrix left on the dp sub-mesh would be orthogonalized
-    # once per tp index): fc1/fc3 column-wise (_StridedShard(0) x Shard(0) after FSDP2),
-    # fc2 and the gate row-wise (Shard(0) x Shard(1)).
+    # fc1/fc3 column-wise (_StridedShard(0) x Shard(0) after FSDP2), fc2 row-wise
+    # (Shard(0) x Shard(1)); the gate is left out of TP: it lives on the dp sub-mesh,
+    # one replica per tp index, and must still be orthogonalized once in the job.
     parallelize_module(model, mesh["tp"], {
         "fc1": ColwiseParallel(), "fc2": RowwiseParallel(),
         "fc3": ColwiseParallel(output_layouts=Replicate()),
-        "gate": RowwiseParallel(input_layouts=Replicate()),
     })
     fully_shard(model, mesh=mesh["dp"])
     return mesh["dp"].get_local_rank(), mesh["dp"].size()
 
 
-def _train(device: str, ns_dtype: str, mode: str = "fsdp") -> dict:
+def _train(device: str, ns_dtype: str, mode: str = "fsdp", bucket_numel: int | None = None) -> dict:
     from torch.distributed.tensor.debug import CommDebugMode
     from torch.profiler import ProfilerActivity, profile
 
@@ -135,6 +135,8 @@ def _train(device: str, ns_dtype: str, mode: str = "fsdp") -> dict:
     model = Net().to(device)
     dp, dp_size = _shard(model, device, mode)
     opt = _optimizer(model, ns_dtype)
+    if bucket_numel is not None:
+        opt.param_groups[0]["exchange_bucket_numel"] = bucket_numel
     wire, orthogonalized, dtensor_comms = _Wire(), [], []
     for step in range(STEPS):
         x, y = _data(step, device)
@@ -170,14 +172,33 @@ def _digest(model: nn.Module, opt) -> str:
     return h.hexdigest()
 
 
+def _mismatch(device: str) -> str:
+    """The error when the ranks of a mesh step different matrices (rank 0 one more)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    from shardopt.dtensor.exchange import exchange_plans
+
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    shapes = [(8, 4), (3, 5)] + ([(6, 2)] if dist.get_rank() == 0 else [])
+    try:
+        exchange_plans(mesh, shapes, [(Shard(0),)] * len(shapes), [1] * len(shapes), 1 << 20, torch.device(device))
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
 def suite(rank: int, world_size: int, mode: str = "fsdp") -> dict:
-    """fp32 Newton-Schulz twice (bitwise check) and bf16 once, each against its oracle."""
+    """fp32 Newton-Schulz twice (bitwise check) and bf16 once, each against its oracle,
+    and the exchange plans of the first step."""
     device = _device()
     out: dict = {}
-    cases = (("float32", 2), ("bfloat16", 1)) if mode == "fsdp" else (("float32", 1),)
-    for ns_dtype, runs in cases:
-        oracle = _oracle(device, ns_dtype)
+    oracles = {}
+    for ns_dtype, runs in (("float32", 2), ("bfloat16", 1)):
+        oracle = oracles[ns_dtype] = _oracle(device, ns_dtype)
         trained = [_train(device, ns_dtype, mode) for _ in range(runs)]
+        if ns_dtype == "float32":  # exchange rounds of at most BUCKET_NUMEL elements per rank
+            trained.append(_train(device, ns_dtype, mode, BUCKET_NUMEL))
         first = trained[0]
         diffs, placements, muon_diffs = {}, set(), []
         for (name, param), ref in zip(first["model"].named_parameters(), oracle.parameters()):
@@ -190,8 +211,17 @@ def suite(rank: int, world_size: int, mode: str = "fsdp") -> dict:
         out[ns_dtype] = {
             "diffs": diffs, "muon_max_diff": muon_diffs, "placements": sorted(placements),
             "digests": [_digest(t["model"], t["opt"]) for t in trained],
+            "bucketed": {k: trained[-1][k] for k in ("wire_calls", "wire_bytes", "orthogonalized", "dtensor_comms")},
+            "bucketed_max_diff": max((a.to_local() - b.to_local()).abs().max().item() for a, b in zip(
+                trained[0]["model"].parameters(), trained[-1]["model"].parameters()) if a.to_local().numel()),
             **{k: first[k] for k in ("wire_calls", "wire_bytes", "orthogonalized", "dtensor_comms",
                                      "local_muon_numel", "muon_matrices")},
             "muon_names": sorted(muon_names),
         }
+    if mode == "fsdp":
+        out["mismatch"] = _mismatch(device)
+    # What bf16 Newton-Schulz itself moves the single-process result by: the scale of a
+    # flipped bf16 rounding's effect after STEPS steps.
+    out["bf16_effect"] = {n: (a - b).abs().max().item() for (n, a), b in zip(
+        oracles["bfloat16"].named_parameters(), oracles["float32"].parameters())}
     return out

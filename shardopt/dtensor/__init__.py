@@ -9,10 +9,12 @@ parameters live on different meshes (FSDP2 x TP with parameters left out of TP).
 
 :func:`dtensor_matrix_update` is the distributed matrix step (Muon) that
 :class:`shardopt.Muon` runs by itself on DTensor parameters: each matrix
-orthogonalized once, on one owner, after one bucketed ``all_to_all_single``.
+orthogonalized once in the whole job, on one owner, after a bucketed
+``all_to_all_single``.
 """
 
 from .clip import clip_grad_norm_, grad_norm
-from .muon import assign_owners, dtensor_matrix_update
+from .exchange import DEFAULT_BUCKET_NUMEL, assign_owners
+from .muon import dtensor_matrix_update
 
-__all__ = ["assign_owners", "clip_grad_norm_", "dtensor_matrix_update", "grad_norm"]
+__all__ = ["DEFAULT_BUCKET_NUMEL", "assign_owners", "clip_grad_norm_", "dtensor_matrix_update", "grad_norm"]

@@ -4,7 +4,8 @@ Muon (Jordan 2024) orthogonalizes each hidden matrix's momentum with
 Newton-Schulz, which needs the matrix whole. On FSDP2 (``fully_shard``) or
 tensor-parallel parameters every rank holds a shard of every matrix. Running
 the rule on the DTensors makes DTensor redistribute inside every Newton-Schulz
-matmul, every rank orthogonalizing every matrix. Here, per step and per mesh::
+matmul, every rank orthogonalizing every matrix. Here, per step and per exchange
+round::
 
     prepare    B <- mu B + (1 - mu) G                 on the local shards (elementwise)
     direction  U = (1 - mu) G + mu B  (Nesterov)       on the local shards (elementwise)
@@ -15,13 +16,13 @@ matmul, every rank orthogonalizing every matrix. Here, per step and per mesh::
     return     a second all_to_all_single brings every holder its piece of O
     finish     theta <- (1 - lr wd) theta - lr s O     on the local shards
 
-Owners: longest processing time first (Graham 1969) on ``rule.transform_cost``
-over the matrices' global shapes, ties broken on the least elements then the
-lowest rank, as the ZeRO engine's ``matrix_layout="whole"``
-(``shardopt/zero/layout.py``): pure data, identical on every rank, so no
-agreement is needed. microsoft/dion (``dion/muon.py``) and torchtitan's
-DistMuon deal owners round-robin or by a heap of sizes; the same bucketed
-``all_to_all_single`` both ways is theirs.
+Owners, exchange meshes and rounds are planned once per layout
+(:mod:`shardopt.dtensor.exchange`): longest processing time first (Graham 1969)
+on ``rule.transform_cost``, as the ZeRO engine's ``matrix_layout="whole"``; pure
+data, identical on every rank, checked once by a fingerprint all-gather.
+microsoft/dion (``dion/muon.py``) and torchtitan's DistMuon deal owners
+round-robin or by a heap of sizes; the same bucketed ``all_to_all_single`` both
+ways is theirs.
 
 Bytes per rank and step: a rank sends its local Muon shard except the
 matrices it owns, and receives the same volume back, ``2 (W - 1) / W`` of its
@@ -32,13 +33,12 @@ dimensions) send it once and all receive the result. No all-gather, no
 all-reduce, no DTensor dispatch: the rule sees ``to_local()`` tensors only.
 Every rank of the mesh must step the same matrices in the same order (true for
 ``model.parameters()`` under FSDP2/TP): the exchange's split sizes come from
-that shared list.
+that shared list (a mismatch raises at the first step, naming it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -47,88 +47,9 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from ..rules.base import MatrixRule
-from .pieces import Piece, group_coordinates, is_sender, mesh_group, piece_of
+from .exchange import DEFAULT_BUCKET_NUMEL, ExchangePlan, exchange_layout, exchange_plans
 
 EXCHANGE_RANGE = "shardopt.dtensor_matrix_exchange"
-
-
-def assign_owners(costs: Sequence[int], numels: Sequence[int], world_size: int) -> list[int]:
-    """Owner rank of each matrix: longest processing time first on ``costs``, the rank
-    with the least cost so far (then the fewest elements, then the lowest rank)."""
-    load, fill = [0] * world_size, [0] * world_size
-    owners = [0] * len(costs)
-    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world_size), key=lambda r: (load[r], fill[r], r))
-        owners[index] = rank
-        load[rank] += costs[index]
-        fill[rank] += numels[index]
-    return owners
-
-
-@dataclass
-class ExchangePlan:
-    """Everything a step of one mesh's matrices needs that shapes and placements fix.
-
-    ``pieces[i][r]``: rank ``r``'s piece of matrix ``i``; ``senders[i][r]``: whether
-    ``r`` sends it (the first of its replicas). ``out_*``/``in_*``: split sizes (in
-    elements) of the first exchange on this rank; the return exchange swaps them
-    except that owners return to every holder, replicas included.
-    """
-
-    group: dist.ProcessGroup | None
-    rank: int
-    world: int
-    owners: list[int]
-    pieces: list[list[Piece]]
-    senders: list[list[bool]]
-    out_counts: list[int]
-    in_counts: list[int]
-    back_out_counts: list[int]
-    back_in_counts: list[int]
-
-    @property
-    def owned(self) -> list[int]:
-        return [i for i, owner in enumerate(self.owners) if owner == self.rank]
-
-    def bytes_per_step(self, itemsize: int) -> int:
-        """Bytes this rank puts on the wire per step (both exchanges)."""
-        return (sum(self.out_counts) + sum(self.back_out_counts)) * itemsize
-
-
-_PLANS: dict[tuple, ExchangePlan] = {}
-
-
-def exchange_plan(mesh, shapes: Sequence[tuple[int, ...]], placements: Sequence[tuple], costs: Sequence[int]
-                  ) -> ExchangePlan:
-    """The (cached) :class:`ExchangePlan` of matrices of ``shapes`` on ``mesh``."""
-    key = (mesh, tuple(shapes), tuple(placements), tuple(costs))
-    if key in _PLANS:
-        return _PLANS[key]
-    group = mesh_group(mesh)
-    coords = group_coordinates(mesh, group)
-    world, rank = len(coords), dist.get_rank(group)
-    owners = assign_owners(costs, [int(torch.Size(s).numel()) for s in shapes], world)
-    pieces = [[piece_of(shape, mesh.shape, c, place) for c in coords] for shape, place in zip(shapes, placements)]
-    senders = [[is_sender(c, place) for c in coords] for place in placements]
-    out, into, back_out, back_in = [0] * world, [0] * world, [0] * world, [0] * world
-    for i, owner in enumerate(owners):
-        for r in range(world):
-            numel = pieces[i][r].numel
-            if r == owner or not numel:
-                continue
-            if senders[i][r]:
-                if r == rank:
-                    out[owner] += numel
-                if owner == rank:
-                    into[r] += numel
-            if owner == rank:
-                back_out[r] += numel
-            if r == rank:
-                back_in[owner] += numel
-    if len(_PLANS) > 64:  # shapes change rarely; bound the cache all the same
-        _PLANS.clear()
-    plan = _PLANS[key] = ExchangePlan(group, rank, world, owners, pieces, senders, out, into, back_out, back_in)
-    return plan
 
 
 def _all_to_all(send: Tensor, out_counts: list[int], in_counts: list[int], group) -> Tensor:
@@ -228,10 +149,13 @@ def dtensor_matrix_update(rule: MatrixRule, params: list[Tensor], grads: list[Te
                           states: list[dict[str, Tensor]], hp: Mapping[str, Any]) -> None:
     """``rule.update`` for a param group whose parameters are DTensors (FSDP2, TP).
 
-    Parameters are grouped by mesh (in order of first appearance, the same on every
-    rank) and each mesh's matrices take one :func:`mesh_matrix_step`. Plain tensors and
-    DTensors whose gradient or state has another layout than the parameter (a
-    ``Partial`` gradient, a state loaded whole) go to ``rule.update`` as they are.
+    Parameters are grouped by exchange mesh (:func:`~shardopt.dtensor.exchange.exchange_layout`:
+    the root mesh for sub-meshes of it; in order of first appearance, the same on every
+    rank) and each group's matrices take one :func:`mesh_matrix_step` per round of at
+    most ``hp["exchange_bucket_numel"]`` elements per rank (default
+    :data:`~shardopt.dtensor.exchange.DEFAULT_BUCKET_NUMEL`). Plain tensors and DTensors
+    whose gradient or state has another layout than the parameter (a ``Partial``
+    gradient, a state loaded whole) go to ``rule.update`` as they are.
     """
     from torch.distributed.tensor import DTensor
 
@@ -241,20 +165,42 @@ def dtensor_matrix_update(rule: MatrixRule, params: list[Tensor], grads: list[Te
     scalars = getattr(rule, "host_scalars", None)
     if scalars is not None:  # Muon: lr-derived scalars read to the host once, not per matrix
         hp = scalars(hp, shapes_all)
-    per_mesh: dict[Any, list[int]] = {}
+    bucket_numel = hp.get("exchange_bucket_numel") or DEFAULT_BUCKET_NUMEL
+    # exchange mesh -> [(index, placements there, the parameter's own mesh)]
+    groups: dict[Any, list[tuple[int, tuple, Any]]] = {}
     rest: list[int] = []
     for index, (param, grad, state) in enumerate(zip(params, grads, states)):
         if isinstance(param, DTensor) and _same_layout(DTensor, param, grad) and all(
                 _same_layout(DTensor, param, v) if v.dim() else not isinstance(v, DTensor) for v in state.values()):
-            per_mesh.setdefault(param.device_mesh, []).append(index)
+            mesh, placements = exchange_layout(param.device_mesh, param.placements)
+            groups.setdefault(mesh, []).append((index, placements, param.device_mesh))
         else:
             rest.append(index)
     if rest:
         rule.update([params[i] for i in rest], [grads[i] for i in rest], [states[i] for i in rest], hp)
-    for mesh, indices in per_mesh.items():
+
+    def run(mesh, indices: list[int], placements: list[tuple], strict: bool) -> bool:
         shapes = [shapes_all[i] for i in indices]
-        placements = [tuple(params[i].placements) for i in indices]
-        plan = exchange_plan(mesh, shapes, placements, [rule.transform_cost(s, hp) for s in shapes])
-        local_states = [{k: v._local_tensor if v.dim() else v for k, v in states[i].items()} for i in indices]
-        mesh_matrix_step(rule, plan, [params[i]._local_tensor for i in indices],
-                         [grads[i]._local_tensor for i in indices], local_states, shapes, hp)
+        plans = exchange_plans(mesh, shapes, placements, [rule.transform_cost(s, hp) for s in shapes],
+                               bucket_numel, params[indices[0]].device, strict=strict)
+        if plans is None:
+            return False
+        for plan in plans:
+            chosen = [indices[i] for i in plan.indices]
+            local_states = [{k: v._local_tensor if v.dim() else v for k, v in states[i].items()} for i in chosen]
+            mesh_matrix_step(rule, plan, [params[i]._local_tensor for i in chosen],
+                             [grads[i]._local_tensor for i in chosen], local_states,
+                             [shapes_all[i] for i in chosen], hp)
+        return True
+
+    for mesh, entries in groups.items():
+        lifted = any(own is not mesh for _, _, own in entries)
+        if run(mesh, [i for i, _, _ in entries], [p for _, p, _ in entries], strict=not lifted):
+            continue
+        # The ranks of the root mesh hold different matrices (e.g. pipeline stages): each
+        # matrix on its own mesh.
+        own: dict[Any, list[int]] = {}
+        for index, _, own_mesh in entries:
+            own.setdefault(own_mesh, []).append(index)
+        for own_mesh, indices in own.items():
+            run(own_mesh, indices, [tuple(params[i].placements) for i in indices], strict=True)
