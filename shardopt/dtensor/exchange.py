@@ -44,9 +44,6 @@ import torch.distributed as dist
 
 from .pieces import Piece, group_coordinates, is_sender, mesh_group, piece_of
 
-# Whole-matrix elements per rank and exchange round (2^26: 128 MiB of bf16 per rank).
-DEFAULT_BUCKET_NUMEL = 2 ** 26
-
 
 def assign_owners(costs: Sequence[int], numels: Sequence[int], world_size: int,
                   saved: Sequence[Sequence[int]] | None = None) -> list[int]:

@@ -205,23 +205,37 @@ def _sources(r: report.MemoryReport) -> dict[str, str]:
     p = r.precision
     p_item, r_item = accounting.itemsize(p.param), accounting.itemsize(p.reduce)
     sharded = shards_gradients(r.zero_stage, r.plan_world_size)
-    where = "this rank's region" if r.zero_stage == 3 else "every bucket, padding included"
+    fsdp = r.zero_stage == 3
+    where = ("FSDP2 dim-0 shards, padded to ceil(d0/dp) rows, in the master dtype" if fsdp
+             else "every bucket, padding included")
     grads = "this rank's gradient region" if sharded else "whole flat gradient, all-reduced in place"
     rules = "; ".join(f"{rule}: {', '.join(names) or 'no state'}" for rule, names in r.settings["specs"].items())
     s = r.settings
     acts = (f"Korthikanti et al. 2022 Table 2, recompute={s['recompute']}, s={s['seq_len']} b={s['micro_batch']} "
             f"t={r.tp}{' SP' if s['sequence_parallel'] else ''}; {r.pp - r.pipeline_stage} micro-batch(es) in "
             "flight (1F1B); shardopt.planner.activations") if r.activations else "not modelled (no architecture)"
+    if fsdp:
+        w_item = accounting.itemsize(p.wide)
+        params = f"{r.rank.params // w_item:,} el x {w_item} B: {where} (FSDP2 _init_sharded_param)"
+        grads = (f"{r.rank.grads // w_item:,} el x {w_item} B: each group's reduce-scatter output, cast to the "
+                 "shards' dtype (FSDP2 foreach_reduce)")
+    else:
+        params = f"{r.rank.params // p_item:,} el x {p_item} B {p.param}: {where} (ZeRO sec. 5)"
+        grads = f"{r.rank.grads // r_item:,} el x {r_item} B {p.reduce}: {grads} (ZeRO sec. 5.2)"
+    buffers = ("transients: FSDP2's unsharded params, all-gather and reduce-scatter buffers, unsharded grads, "
+               "each its own peak (shardopt.planner.fsdp); Muon temporaries" if fsdp else
+               "transients: stage-2 reduction schedule replayed on the backward order (zero/schedule.py, at most "
+               f"MAX_IN_FLIGHT + 1 = {MAX_IN_FLIGHT + 1} reductions in flight), step()'s grad cast, Muon temporaries")
     return {
-        "params": f"{r.rank.params // p_item:,} el x {p_item} B {p.param}: {where} (ZeRO sec. 5)",
-        "grads": f"{r.rank.grads // r_item:,} el x {r_item} B {p.reduce}: {grads} (ZeRO sec. 5.2)",
+        "params": params,
+        "grads": grads,
         "master_params": ("fp32 copy of this rank's region (ZeRO sec. 3, mixed precision)" if r.rank.master_params
+                          else "the FSDP2 shards are the master copy: 0 B" if fsdp
                           else "aliases the parameter region: 0 B"),
-        "optimizer_states": f"state_specs() over this rank's used region: {rules} (ZeRO sec. 5.1)",
+        "optimizer_states": (f"state_specs() over this rank's unpadded shards, step per tensor: {rules}" if fsdp
+                             else f"state_specs() over this rank's used region: {rules} (ZeRO sec. 5.1)"),
         "activations": acts,
-        "buffers": "transients: stage-2 reduction schedule replayed on the backward order (zero/schedule.py), "
-                   "stage-3 gather "
-                   f"of MAX_IN_FLIGHT + 1 = {MAX_IN_FLIGHT + 1} largest buckets, step()'s grad cast, Muon temporaries",
+        "buffers": buffers,
     }
 
 
@@ -233,10 +247,12 @@ def render(r: report.MemoryReport) -> str:
         header,
         f"  {r.total_params:,} parameters ({r.matrix_params:,} in hidden matrices); one rank's tp/pp share: "
         f"{r.stage_params:,}",
-        f"  busiest: data-parallel rank {r.rank.rank} of pipeline stage {r.pipeline_stage}; plan: {r.num_buckets:,} "
-        f"buckets over {r.plan_world_size} rank(s), the largest {r.largest_bucket_numel:,} elements with padding "
-        f"(bucket_numel={r.settings['bucket_numel']:,}: a larger parameter, or Muon's matrices below ZeRO-2, "
-        "is one bucket)",
+        f"  busiest: data-parallel rank {r.rank.rank} of pipeline stage {r.pipeline_stage}; " + (
+            f"FSDP2: {r.fsdp_groups:,} fully_shard groups (units and the root) over {r.dp} rank(s)"
+            if r.zero_stage == 3 else
+            f"plan: {r.num_buckets:,} buckets over {r.plan_world_size} rank(s), the largest "
+            f"{r.largest_bucket_numel:,} elements with padding (bucket_numel={r.settings['bucket_numel']:,}: a "
+            "larger parameter, or Muon's matrices below ZeRO-2, is one bucket)"),
         "",
         f"  {'category':<24}{'GB':>10} {'GiB':>10}  formula (source)",
     ]

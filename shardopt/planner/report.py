@@ -19,10 +19,11 @@ Stages (Rajbhandari et al. 2020, "ZeRO", sections 3 and 5; K = state bytes):
 * 1: optimizer states and master weights sharded (``P_os``, section 5.1).
 * 2: gradients sharded too (``P_os+g``, 5.2); the runtime keeps up to
   ``policy.MAX_IN_FLIGHT + 1`` full-bucket gradient buffers during backward.
-* 3: parameters sharded too (``P_os+g+p``, 5.3), which shardopt's runtime does
-  not implement; modelled as each rank keeping its region of each bucket and
-  all-gathering up to ``MAX_IN_FLIGHT + 1`` buckets around their use (the
-  gather window, under ``buffers``), as FSDP and DeepSpeed's prefetch limit do.
+* 3: parameters sharded too (``P_os+g+p``, 5.3), as PyTorch's FSDP2
+  (``fully_shard``, optionally on a dp x tp mesh) allocates it, with shardopt's
+  optimizers stepping the DTensor shards: :mod:`shardopt.planner.fsdp` (padded
+  dim-0 shards, no separate master copy, FSDP2's all-gather and reduce-scatter
+  buffers); ``tests/test_planner_fsdp.py`` checks it against a real run.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from ..rules.base import Granularity
 from ..zero.plan import DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan
 from ..zero.schedule import window_numel
 from . import activations as act
-from . import presets
+from . import fsdp, presets
 from .accounting import (
     PRECISIONS,
     Precision,
@@ -93,6 +94,7 @@ class MemoryReport:
     notes: tuple[str, ...] = ()
     settings: Mapping[str, Any] = field(default_factory=dict)
     largest_bucket_numel: int = 0
+    fsdp_groups: int = 0  # stage 3: fully_shard groups (units and the root)
 
     @property
     def total(self) -> int:
@@ -124,6 +126,7 @@ class MemoryReport:
             "optimizer_states": dict(self.rank.optimizer_states), "activations": dict(self.activations),
             "buffers": dict(self.rank.buffers), "settings": dict(self.settings), "notes": list(self.notes),
             "num_buckets": self.num_buckets, "largest_bucket_numel": self.largest_bucket_numel,
+            "fsdp_groups": self.fsdp_groups,
         }
 
 
@@ -153,6 +156,7 @@ def estimate(
     hyperparameters: Mapping[str, Any] | None = None,
     grad_arrival: Sequence[str] | None = None,
     matrix_layout: str = "balanced",
+    fsdp_units: Sequence[str] | None = None,
 ) -> MemoryReport:
     """Per-GPU memory of training ``model`` with ZeRO ``zero_stage`` over ``dp`` ranks.
 
@@ -169,6 +173,9 @@ def estimate(
     their gradients complete, for the stage-2 window (default: assumed, see
     :func:`shardopt.planner.presets.backward_order`). ``matrix_layout``: Muon's
     layout, ``"balanced"`` or ``"whole"`` (:class:`~shardopt.ZeroOptimizer`).
+    ``fsdp_units`` (stage 3): names of the modules given to ``fully_shard``
+    before the root (default: each decoder layer of a preset or config; a
+    module's root alone; each tensor of a bare count).
 
     Example::
 
@@ -188,7 +195,7 @@ def estimate(
                              precision=precision, zero_stage=zero_stage, dp=dp, seq_len=seq_len,
                              micro_batch=micro_batch, recompute=recompute, sequence_parallel=sequence_parallel,
                              gpu=gpu, hyperparameters=hyperparameters, grad_arrival=grad_arrival,
-                             matrix_layout=matrix_layout)
+                             matrix_layout=matrix_layout, fsdp_units=fsdp_units)
     source = presets.model_params(model, tp=tp, pp=pp, bucket_numel=bucket_numel)
     arch, notes = source.arch, list(source.notes)
     if optimizer == "muon" and not source.has_shapes:
@@ -197,10 +204,21 @@ def estimate(
     matrix_params = _matrix_numel(source.full) if source.has_shapes else 0
 
     best = None
+    units: list[str] = []
     for stage, named in source.stages.items():
         infos, groups = param_infos(named, optimizer, precision.param, hyperparameters)
         arrival = _arrival(infos, named, arch, grad_arrival)
-        plan, ranks = plan_rank_bytes(infos, groups, precision, zero_stage, dp, bucket_numel, arrival, matrix_layout)
+        if zero_stage == 3:
+            names = [n for n, _, _ in named]
+            units = list(fsdp_units) if fsdp_units is not None else (
+                fsdp.default_units(names) if arch else [] if source.has_shapes else names)
+            by_index = {info.index: info.name for info in infos}
+            plan = None
+            ranks = fsdp.fsdp_rank_bytes(named, optimizer, precision, dp, units, [by_index[i] for i in arrival],
+                                         hyperparameters, source.full)
+        else:
+            plan, ranks = plan_rank_bytes(infos, groups, precision, zero_stage, dp, bucket_numel, arrival,
+                                          matrix_layout)
         acts = {} if arch is None else act.activation_bytes(
             arch, seq_len=seq_len, micro_batch=micro_batch, tp=tp, pp=pp, stage=stage,
             sequence_parallel=sequence_parallel, recompute=recompute)
@@ -209,8 +227,12 @@ def estimate(
         if best is None or candidate[0] > best[0]:
             best = candidate
     _, stage, busiest, ranks, acts, plan, infos, groups, arrival = best
-    notes += _plan_notes(plan, zero_stage)
-    if zero_stage >= 2 and plan.world_size > 1:
+    if plan is None:
+        notes.append(f"ZeRO-3 as FSDP2 fully_shard over dp={dp}: {len(units)} unit(s) and the root; "
+                     "transient rows peak at different times, their sum bounds the joint peak (docs/planner.md)")
+    else:
+        notes += _plan_notes(plan, zero_stage)
+    if plan is not None and zero_stage >= 2 and plan.world_size > 1:
         first, steady = (window_numel(plan, arrival, first_step=first_step) for first_step in (True, False))
         item = itemsize(precision.reduce)
         # Worth a note only where it could decide whether the job fits.
@@ -227,9 +249,10 @@ def estimate(
         precision=precision, zero_stage=zero_stage, dp=dp, tp=tp, pp=pp, pipeline_stage=stage,
         rank=busiest, ranks=tuple(ranks), activations=acts,
         gpu=gpu if isinstance(gpu, str) else f"{gpu} bytes", gpu_bytes=gpu_bytes,
-        stage_params=sum(i.numel for i in infos), plan_world_size=plan.world_size,
-        num_buckets=len(plan.buckets), notes=tuple(notes), settings=settings,
-        largest_bucket_numel=max((b.flat_numel for b in plan.buckets), default=0),
+        stage_params=sum(i.numel for i in infos), plan_world_size=dp if plan is None else plan.world_size,
+        num_buckets=0 if plan is None else len(plan.buckets), notes=tuple(notes), settings=settings,
+        largest_bucket_numel=0 if plan is None else max((b.flat_numel for b in plan.buckets), default=0),
+        fsdp_groups=len(units) + 1 if plan is None else 0,
     )
 
 
@@ -244,7 +267,7 @@ def _bare_tensors(model: Any, tp: Any, pp: Any, bucket_numel: int) -> int:
 
 
 def _extrapolated(model: int, *, tp: int, pp: int, bucket_numel: int, grad_arrival: Sequence[str] | None,
-                  **options: Any) -> MemoryReport:
+                  fsdp_units: Sequence[str] | None = None, **options: Any) -> MemoryReport:
     """A bare count of ``n`` tensors, from exact plans of ``k - 1`` and ``k`` tensors.
 
     Each full tensor of a bare count is a bucket of its own, alike on every rank,
@@ -253,8 +276,8 @@ def _extrapolated(model: int, *, tp: int, pp: int, bucket_numel: int, grad_arriv
     ``value(n) = value(k) + (n - k) * (value(k) - value(k - 1))``, with no
     list of ``n`` tensors (``--params 1e15`` is 10^8 of them).
     """
-    if grad_arrival is not None:
-        raise ValueError("Invalid grad_arrival: a bare parameter count has no parameter names")
+    if grad_arrival is not None or fsdp_units is not None:
+        raise ValueError("Invalid grad_arrival/fsdp_units: a bare parameter count has no parameter names")
     share = -(-model // (tp * pp))
     n = -(-share // bucket_numel)
     tail = share - (n - 1) * bucket_numel  # the one partial tensor, planned first
@@ -285,7 +308,7 @@ def _extrapolated(model: int, *, tp: int, pp: int, bucket_numel: int, grad_arriv
         rank=max(ranks, key=lambda r: (r.total, -r.rank)), ranks=ranks, activations={}, gpu=b.gpu,
         gpu_bytes=b.gpu_bytes, stage_params=share, plan_world_size=b.plan_world_size,
         num_buckets=grow(a.num_buckets, b.num_buckets), notes=tuple(notes), settings=b.settings,
-        largest_bucket_numel=b.largest_bucket_numel,
+        largest_bucket_numel=b.largest_bucket_numel, fsdp_groups=grow(a.fsdp_groups, b.fsdp_groups),
     )
 
 

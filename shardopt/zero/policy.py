@@ -16,6 +16,11 @@ import torch
 # gradient memory is this rank's areas plus a bounded window.
 MAX_IN_FLIGHT = 2
 
+# shardopt.Muon on DTensor parameters (FSDP2, TP) exchanges matrices with their
+# owners in rounds of at most this many whole-matrix elements per rank on average
+# (shardopt.dtensor.exchange): 2^26, 128 MiB of bf16, bounds the owner's buffers.
+DTENSOR_EXCHANGE_BUCKET_NUMEL = 2 ** 26
+
 
 def shards_gradients(stage: int, world_size: int) -> bool:
     """Whether each rank keeps only its area of the averaged gradient (stage 2 on several ranks).
