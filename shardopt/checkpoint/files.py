@@ -140,8 +140,15 @@ def load(state: dict[str, Any], path: str | os.PathLike, *, process_group: Any |
     parameters or another rule of the same state names only in
     ``load_state_dict``, after the reads.)
     """
+    from ..optimizer_base import RuleOptimizer
     from .foreign import foreign_request, saved_keys
-    from .state_dict import OptimizerState, check_meta, read_meta, set_optimizer_state_dict
+    from .state_dict import (
+        OptimizerState,
+        check_meta,
+        get_optimizer_state_dict,
+        read_meta,
+        set_optimizer_state_dict,
+    )
 
     saved: Any = None
     foreign: dict[str, dict[str, Any]] = {}
@@ -150,6 +157,11 @@ def load(state: dict[str, Any], path: str | os.PathLike, *, process_group: Any |
             continue
         saved = saved_keys(path) if saved is None else saved
         if f"{key}.shardopt.meta" not in saved:
+            if isinstance(value.optimizer, RuleOptimizer):  # torch's layout already: read as it is
+                request = get_optimizer_state_dict(value.model, value.optimizer)
+                del request["shardopt"]
+                foreign[key] = request
+                continue
             foreign[key] = foreign_request(key, value.model, value.optimizer, path, saved, process_group)
             continue
         probe: dict[str, Any] = {key: {"shardopt": {"meta": ""}}}

@@ -32,12 +32,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..optimizer_base import RuleOptimizer
 from ..rules.base import StateShape
 from ..zero.checkpoint import ShardedState, check_entry, storage_scalars
 from ..zero.optimizer import ZeroOptimizer
 from .boxes import copies_into, sharded_view
+from .meta import FORMAT, check_described, describe, param_names, read_meta
 
-FORMAT = "shardopt-dcp-v1"
+__all__ = ["FORMAT", "OptimizerState", "check_meta", "get_optimizer_state_dict", "param_names", "read_meta",
+           "set_optimizer_state_dict"]
 _MESHES: dict[tuple[int, str], Any] = {}
 
 
@@ -55,45 +58,34 @@ def _mesh(state: ShardedState, device: torch.device) -> Any | None:
 
 def _check_optimizer(optimizer: Any) -> ZeroOptimizer:
     if not isinstance(optimizer, ZeroOptimizer):
-        raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected a shardopt.ZeroOptimizer; "
-                        "other optimizers: torch.distributed.checkpoint.state_dict)")
+        raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected a shardopt.ZeroOptimizer or "
+                        "a shardopt optimizer such as shardopt.AdamW; other optimizers: "
+                        "torch.distributed.checkpoint.state_dict)")
     if optimizer.closed:
         raise ValueError("Invalid optimizer: it was closed (its state is gone)")
     return optimizer
 
 
-def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Fully qualified names of the optimizer's parameters, in its order over the param groups,
-    matched by identity to ``model.named_parameters()``."""
-    by_id = {id(p): name for name, p in model.named_parameters()}
-    names = []
-    for g, group in enumerate(optimizer.param_groups):
-        for p in group["params"]:
-            if id(p) not in by_id:
-                raise ValueError(f"Invalid model: parameter #{len(names)} of the optimizer (group {g}, shape "
-                                 f"{tuple(p.shape)}) is not one of model.named_parameters()")
-            names.append(by_id[id(p)])
-    return names
-
-
 def _meta(state: ShardedState, names: list[str], masters: bool) -> dict[str, Any]:
-    params, index = [], 0
-    for g, group in enumerate(state.param_groups):
-        for p in group["params"]:
-            params.append([names[index], list(p.shape), g])
-            index += 1
-    return {"format": FORMAT, "rules": [state.rule_name(g) for g in range(len(state.param_groups))],
-            "params": params, "master_weights": masters, "world_size": state.comm.world_size}
+    return describe(state.param_groups, state.rule_name, names, masters, state.comm.world_size)
 
 
-def get_optimizer_state_dict(model: nn.Module, optimizer: ZeroOptimizer) -> dict[str, Any]:
+def get_optimizer_state_dict(model: nn.Module, optimizer: ZeroOptimizer | RuleOptimizer) -> dict[str, Any]:
     """This rank's optimizer state as a DCP-ready dict (format: module docstring).
+
+    A single-process shardopt optimizer (``shardopt.AdamW``, ``shardopt.Muon``, ...,
+    e.g. on FSDP2 / TP DTensor parameters) gives torch's layout for it plus the
+    same integrity record (:mod:`.rule_state`).
 
     Its tensors are views of the optimizer's buffers: pass it to ``dcp.save`` as
     it is, or to ``dcp.load`` and then :func:`set_optimizer_state_dict`. Not a
     collective (each rank describes its own areas); states that the first
     ``step()`` would allocate are allocated here with their initial values.
     """
+    if isinstance(optimizer, RuleOptimizer):
+        from .rule_state import get_rule_state_dict
+
+        return get_rule_state_dict(model, optimizer)
     opt = _check_optimizer(optimizer)
     state = opt.sharded_state()
     names = param_names(model, opt)
@@ -139,49 +131,25 @@ def get_optimizer_state_dict(model: nn.Module, optimizer: ZeroOptimizer) -> dict
     return {"state": out, "param_groups": groups, "shardopt": extra}
 
 
-def read_meta(state_dict: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The integrity record of a state dict from :func:`get_optimizer_state_dict` (``None`` if absent)."""
-    extra = state_dict.get("shardopt")
-    if not isinstance(extra, Mapping) or "meta" not in extra:
-        return None
-    meta = extra["meta"]
-    return json.loads(meta) if isinstance(meta, str) else dict(meta)
-
-
-def check_meta(meta: Mapping[str, Any], model: nn.Module, optimizer: ZeroOptimizer) -> None:
+def check_meta(meta: Mapping[str, Any], model: nn.Module, optimizer: Any) -> None:
     """Raise ``ValueError`` naming the first difference between a checkpoint's integrity record
-    and this model and optimizer: format, parameter names (by position), shapes, groups, rules."""
+    and this model and optimizer (a ZeroOptimizer or a single-process shardopt optimizer):
+    format, parameter names (by position), shapes, groups, rules."""
+    if isinstance(optimizer, RuleOptimizer):
+        from .rule_state import describe_rule_optimizer
+
+        check_described(meta, describe_rule_optimizer(model, optimizer))
+        return
     opt = _check_optimizer(optimizer)
-    mine = _meta(opt.sharded_state(), param_names(model, opt), False)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"Invalid checkpoint: format {meta.get('format')!r}, expected {FORMAT!r}")
-    for position, (saved, ours) in enumerate(zip(meta["params"], mine["params"])):
-        if saved[0] != ours[0]:
-            raise ValueError(f"Invalid checkpoint: parameter #{position} is {saved[0]!r} in the checkpoint and "
-                             f"{ours[0]!r} in this model (a different model or parameter order)")
-        if list(saved[1]) != list(ours[1]):
-            raise ValueError(f"Invalid checkpoint: parameter {ours[0]} has shape {tuple(saved[1])} in the "
-                             f"checkpoint, {tuple(ours[1])} in this model")
-        if saved[2] != ours[2]:
-            raise ValueError(f"Invalid checkpoint: parameter {ours[0]} is in param group {saved[2]} in the "
-                             f"checkpoint, group {ours[2]} in this optimizer")
-    if len(meta["params"]) != len(mine["params"]):
-        longer, which = (meta, "checkpoint") if len(meta["params"]) > len(mine["params"]) else (mine, "model")
-        extra = longer["params"][min(len(meta["params"]), len(mine["params"]))][0]
-        raise ValueError(f"Invalid checkpoint: parameter {extra} is only in the {which} "
-                         f"({len(meta['params'])} parameters saved, {len(mine['params'])} here)")
-    for group, (saved, ours) in enumerate(zip(meta["rules"], mine["rules"])):
-        if saved != ours:
-            first = next((p[0] for p in mine["params"] if p[2] == group), "none")
-            raise ValueError(f"Invalid checkpoint: param group {group} (first parameter {first}) was saved "
-                             f"by rule {saved!r}, this optimizer runs {ours!r}")
+    check_described(meta, _meta(opt.sharded_state(), param_names(model, opt), False))
 
 
 def _size_of(value: Any) -> tuple[int, ...]:
     return tuple(value.shape) if isinstance(value, Tensor) else tuple(torch.as_tensor(value).shape)
 
 
-def set_optimizer_state_dict(model: nn.Module, optimizer: ZeroOptimizer, state_dict: Mapping[str, Any]) -> None:
+def set_optimizer_state_dict(model: nn.Module, optimizer: ZeroOptimizer | RuleOptimizer,
+                             state_dict: Mapping[str, Any]) -> None:
     """Load ``state_dict`` (from :func:`get_optimizer_state_dict` at any world size, filled by
     ``dcp.load``; or with full plain tensors per parameter, e.g. a ``dcp_to_torch_save`` file's
     ``"optim"`` entry) into this rank's areas.
@@ -199,7 +167,15 @@ def set_optimizer_state_dict(model: nn.Module, optimizer: ZeroOptimizer, state_d
     apart from lower-precision parameters they are taken from the model's
     parameters (load the model first), and parameters without state start from
     the rule's initial values, as in torch.optim.
+
+    A single-process shardopt optimizer loads through torch's
+    ``set_optimizer_state_dict`` after the same integrity check (:mod:`.rule_state`).
     """
+    if isinstance(optimizer, RuleOptimizer):
+        from .rule_state import set_rule_state_dict
+
+        set_rule_state_dict(model, optimizer, state_dict)
+        return
     opt = _check_optimizer(optimizer)
     state = opt.sharded_state()
     names = param_names(model, opt)
@@ -299,7 +275,8 @@ def _plan_load(state: ShardedState, names: list[str], entries: dict[int, dict[st
 
 
 class OptimizerState:
-    """A ``torch.distributed.checkpoint.stateful.Stateful`` for a ZeroOptimizer and its model::
+    """A ``torch.distributed.checkpoint.stateful.Stateful`` for a shardopt optimizer (a ZeroOptimizer,
+    or e.g. ``shardopt.Muon`` on FSDP2) and its model::
 
         dcp.save({"model": model.state_dict(), "optim": OptimizerState(model, opt)}, checkpoint_id=path)
         dcp.load({"model": model.state_dict(), "optim": OptimizerState(model, opt)}, checkpoint_id=path)
@@ -308,9 +285,9 @@ class OptimizerState:
     rank's areas) and hands the result to :meth:`load_state_dict`.
     """
 
-    def __init__(self, model: nn.Module, optimizer: ZeroOptimizer) -> None:
+    def __init__(self, model: nn.Module, optimizer: ZeroOptimizer | RuleOptimizer) -> None:
         self.model = model
-        self.optimizer = _check_optimizer(optimizer)
+        self.optimizer = optimizer if isinstance(optimizer, RuleOptimizer) else _check_optimizer(optimizer)
 
     def state_dict(self) -> dict[str, Any]:
         return get_optimizer_state_dict(self.model, self.optimizer)

@@ -42,7 +42,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..zero.policy import DTENSOR_EXCHANGE_BUCKET_NUMEL
 from .pieces import Piece, group_coordinates, is_sender, mesh_group, piece_of
+
+# Whole-matrix elements per rank and exchange round, unless a param group sets
+# ``exchange_bucket_numel`` (the planner reads the same constant).
+DEFAULT_BUCKET_NUMEL = DTENSOR_EXCHANGE_BUCKET_NUMEL
 
 
 def assign_owners(costs: Sequence[int], numels: Sequence[int], world_size: int,
