@@ -10,6 +10,7 @@ from .optimizers import SGD, Adagrad, Adam, AdamW, Lion, RMSprop
 from .rules import Granularity, StateShape, StateSpec, UpdateRule
 from .zero import (
     BufferOwnershipError,
+    CollectiveFailure,
     CollectiveMismatchError,
     ParamInfo,
     PlanError,
@@ -25,6 +26,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "BufferOwnershipError",
+    "CollectiveFailure",
     "CollectiveMismatchError",
     "Granularity",
     "Lion",

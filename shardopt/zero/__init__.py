@@ -14,7 +14,7 @@ rule's step with straddler exchange), :mod:`.optimizer` (:class:`ZeroOptimizer`)
 and :mod:`.checkpoint` (its state dicts).
 """
 
-from .comm import BufferOwnershipError, CollectiveMismatchError
+from .comm import BufferOwnershipError, CollectiveFailure, CollectiveMismatchError
 from .layout import plan_shards
 from .optimizer import ZeroOptimizer
 from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, PlanError, ShardPlan
@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_BUCKET_NUMEL",
     "MAX_IN_FLIGHT",
     "BufferOwnershipError",
+    "CollectiveFailure",
     "CollectiveMismatchError",
     "ParamInfo",
     "PlanError",

@@ -37,6 +37,11 @@ Two guarantees hold for every collective issued here (``docs/design/collectives.
   compare its kind, dtype and element counts (for an all-to-all: what each
   sends to each) and raise :class:`CollectiveMismatchError` on the first
   difference instead of exchanging misread bytes.
+* **Failures named.** A collective that fails on this rank (a peer died: gloo's
+  "Connection closed by peer"; or stalled past the process group's timeout,
+  ``SHARDOPT_TIMEOUT_S`` under :func:`shardopt.dist.init_from_env`) raises
+  :class:`CollectiveFailure`, naming the operation, this rank and the timeout,
+  with the backend's error as its cause.
 * **Poisoning** (``SHARDOPT_POISON_BUFFERS=1`` or ``Communicator(poison=True)``;
   one fill per buffer): receive and gradient buffers start as NaN rather than
   uninitialised memory, and buffers handed back through :meth:`retire` are
@@ -49,8 +54,11 @@ check is affordable).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -87,6 +95,36 @@ class BufferOwnershipError(RuntimeError):
     """A collective touched a buffer that an in-flight asynchronous collective still owns."""
 
 
+class CollectiveFailure(RuntimeError):
+    """A collective failed on this rank: another rank died or stalled past the timeout, or the
+    transport failed. The backend's own error is the ``__cause__``."""
+
+
+@contextlib.contextmanager
+def naming_failures(op: str, rank: int, world_size: int) -> Iterator[None]:
+    """Re-raise a backend error inside the block as :class:`CollectiveFailure` naming ``op``."""
+    try:
+        yield
+    except (BufferOwnershipError, CollectiveMismatchError, CollectiveFailure):
+        raise
+    except RuntimeError as error:  # gloo / NCCL raise RuntimeError (DistBackendError) subclasses
+        raise CollectiveFailure(
+            f"shardopt: {op} failed on rank {rank} of {world_size}: another rank likely died or stalled past "
+            f"the collective timeout (SHARDOPT_TIMEOUT_S with shardopt.dist.init_from_env, else "
+            f"init_process_group(timeout=...)); the backend said: {error}") from error
+
+
+def _names_failures(op: str) -> Callable:
+    """Method decorator: :func:`naming_failures` around a Communicator collective."""
+    def decorate(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def call(self: Communicator, *args: Any, **kwargs: Any) -> Any:
+            with naming_failures(op, self.rank, self.world_size):
+                return method(self, *args, **kwargs)
+        return call
+    return decorate
+
+
 class CollectiveMismatchError(RuntimeError):
     """Ranks issued collectives that disagree (kind, dtype or counts): they would misread bytes or hang."""
 
@@ -110,7 +148,9 @@ class _Owned:
 
     def wait(self) -> bool:
         if self.work is not None:
-            self.work.wait()
+            op = self.claim[0][3] if self.claim else "collective"
+            with naming_failures(op, self.comm.rank, self.comm.world_size):
+                self.work.wait()
             self.comm._release(self.claim)
             self.work = None
         return True
@@ -256,6 +296,7 @@ class Communicator:
 
     # ------------------------------------------------------------ collectives
 
+    @_names_failures("reduce-scatter")
     def reduce_scatter_avg(self, output: Tensor, flat: Tensor, *, async_op: bool = False):
         """``output`` (this rank's region) <- mean over ranks of ``flat``'s region."""
         if not self.active:
@@ -271,6 +312,7 @@ class Communicator:
         work = _reduce_scatter_flat(output, flat, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
         return self._own(work, claim) if async_op else work
 
+    @_names_failures("reduce")
     def reduce_avg(self, tensor: Tensor, dst: int, *, async_op: bool = False):
         """``tensor`` on rank ``dst`` <- mean over ranks of ``tensor`` (others' copies are scratch).
 
@@ -290,6 +332,7 @@ class Communicator:
         work = dist.reduce(tensor, self.global_rank(dst), op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
         return self._own(work, claim) if async_op else work
 
+    @_names_failures("all-gather")
     def all_gather_inplace(self, flat: Tensor, *, async_op: bool = False):
         """Every rank's region of ``flat`` to every rank; this rank sends its own."""
         if not self.active:
@@ -302,6 +345,7 @@ class Communicator:
         work = _all_gather_flat(flat, local, group=self.group, async_op=async_op)
         return self._own(work, claim) if async_op else work
 
+    @_names_failures("all-gather")
     def all_gather_chunks(self, outputs: list[Tensor], local: Tensor, *, async_op: bool = False):
         """``outputs[r]`` <- rank ``r``'s ``local`` (equal sizes; ``local`` may be ``outputs[rank]``)."""
         if not self.active:
@@ -321,6 +365,7 @@ class Communicator:
             output.copy_(piece)
         return _Done()
 
+    @_names_failures("all-to-all")
     def exchange(self, send: Tensor, send_counts: list[int], receive_counts: list[int], dtype: torch.dtype) -> Tensor:
         """All-to-all with uneven parts: ``send_counts[r]`` elements of ``send`` go to rank ``r``;
         returns what every rank sent here, in rank order.
@@ -342,6 +387,7 @@ class Communicator:
         dist.all_to_all_single(received, send, receive_counts, send_counts, group=self.group)
         return received
 
+    @_names_failures("all-gather")
     def all_gather_into(self, output: Tensor, local: Tensor) -> None:
         """``output`` (``world_size * local.numel()``) <- every rank's ``local``."""
         if not self.active:
@@ -352,6 +398,7 @@ class Communicator:
         self._claim("all-gather", [output, local])
         _all_gather_flat(output, local.reshape(-1), group=self.group)
 
+    @_names_failures("all-reduce")
     def all_reduce_avg(self, tensor: Tensor, *, async_op: bool = False):
         if not self.active:
             return _Done()
@@ -361,6 +408,7 @@ class Communicator:
         work = dist.all_reduce(tensor, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
         return self._own(work, claim) if async_op else work
 
+    @_names_failures("all-reduce")
     def all_reduce_sum(self, tensor: Tensor) -> None:
         if not self.active:
             return
@@ -369,6 +417,7 @@ class Communicator:
         self._claim("all-reduce", [tensor])
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
 
+    @_names_failures("broadcast")
     def broadcast(self, tensor: Tensor, src: int = 0) -> None:
         if not self.active:
             return
@@ -377,6 +426,7 @@ class Communicator:
         self._claim("broadcast", [tensor])
         dist.broadcast(tensor, src=self.global_rank(src), group=self.group)
 
+    @_names_failures("all-gather")
     def all_gather_objects(self, obj: Any) -> list[Any]:
         if not self.active:
             return [obj]
