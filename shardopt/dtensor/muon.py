@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from ..rules.base import MatrixRule
+from ..zero.comm import naming_failures
 from .exchange import DEFAULT_BUCKET_NUMEL, ExchangePlan, exchange_layout, exchange_plans
 
 EXCHANGE_RANGE = "shardopt.dtensor_matrix_exchange"
@@ -54,7 +55,8 @@ EXCHANGE_RANGE = "shardopt.dtensor_matrix_exchange"
 
 def _all_to_all(send: Tensor, out_counts: list[int], in_counts: list[int], group) -> Tensor:
     received = send.new_empty(sum(in_counts))
-    with record_function(EXCHANGE_RANGE):
+    with record_function(EXCHANGE_RANGE), naming_failures("Muon owner all-to-all", dist.get_rank(group),
+                                                          dist.get_world_size(group)):
         dist.all_to_all_single(received, send, in_counts, out_counts, group=group)
     return received
 
