@@ -39,6 +39,15 @@ PRESETS = {
 
 
 class Block(nn.Module):
+    """One pre-norm transformer block.
+
+    ``qkv`` stores its output rows head by head (q, k, v of head 0, then of head 1,
+    ...), so that a column-wise tensor-parallel split of the rows (contiguous
+    chunks) hands each rank whole heads. The forward reads the number of heads from
+    the width it receives, so the same code runs on a rank's share of the heads
+    (``examples/fsdp_setup.py``) as on all of them.
+    """
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
@@ -50,13 +59,26 @@ class Block(nn.Module):
         self.mlp_down = nn.Linear(4 * config.hidden, config.hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, hidden = x.shape
-        heads = self.config.num_heads
-        q, k, v = self.qkv(self.attn_norm(x)).split(hidden, dim=-1)
-        q, k, v = (t.view(batch, seq, heads, -1).transpose(1, 2) for t in (q, k, v))
+        batch, seq, _ = x.shape
+        head_dim = self.config.head_dim
+        qkv = self.qkv(self.attn_norm(x))
+        heads = qkv.shape[-1] // (3 * head_dim)  # all of them, or this rank's under TP
+        q, k, v = qkv.view(batch, seq, heads, 3, head_dim).permute(3, 0, 2, 1, 4).unbind(0)
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.attn_out(att.transpose(1, 2).reshape(batch, seq, hidden))
+        x = x + self.attn_out(att.transpose(1, 2).reshape(batch, seq, heads * head_dim))
         return x + self.mlp_down(F.gelu(self.mlp_up(self.mlp_norm(x))))
+
+    @torch.no_grad()
+    def qkv_rows_from_blocks(self) -> None:
+        """Reorder ``qkv``'s rows from three blocks (all q, all k, all v) to head by head.
+
+        Applied once after initialisation: the values are drawn in the block order
+        the model used to store them, so a seed gives the same network as before
+        the storage changed (and the README's measured runs still describe it).
+        """
+        weight = self.qkv.weight
+        heads, head_dim = self.config.num_heads, self.config.head_dim
+        weight.copy_(weight.view(3, heads, head_dim, -1).transpose(0, 1).reshape(weight.shape))
 
 
 class GPT(nn.Module):
@@ -69,6 +91,8 @@ class GPT(nn.Module):
         self.final_norm = nn.LayerNorm(config.hidden)
         self.lm_head = nn.Linear(config.hidden, config.vocab_size, bias=False)
         self.apply(self._init)
+        for block in self.blocks:
+            block.qkv_rows_from_blocks()
 
     @staticmethod
     def _init(module: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""Train a small byte-level GPT data-parallel with shardopt's ZeroOptimizer.
+"""Train a small byte-level GPT data-parallel with shardopt's ZeroOptimizer, or on FSDP2 (x TP).
 
 The text is the Python standard library's own source code, present on every
 machine with Python, read as bytes (no tokenizer, no download).
@@ -7,15 +7,23 @@ machine with Python, read as bytes (no tokenizer, no download).
     torchrun --standalone --nproc-per-node 2 examples/train_gpt.py --config configs/llm_recipe.toml
     python examples/train_gpt.py --optimizer sgd --steps 50      # one process
     mpirun -n 2 python examples/train_gpt.py                      # MPI (needs mpi4py)
+    torchrun --standalone --nproc-per-node 2 examples/train_gpt.py --config configs/fsdp2_muon.toml
+    torchrun --standalone --nproc-per-node 4 examples/train_gpt.py --config configs/fsdp2_tp_muon.toml
 
 launch/ has the multi-node torchrun, mpirun and Slurm variants. The default
 (configs/default.toml) is Muon with its AdamW group, ZeRO-2, 500 steps of 16
-sequences of 128 bytes: about 1.5 minutes on 2 idle CPU cores, ending at a
+sequences of 128 bytes: about 5 minutes on 2 idle CPU cores, ending at a
 validation loss of 1.36 nats/byte against 3.15 for byte frequencies alone
 (the unigram entropy).
 
 Every rank draws the same global batch and trains on its own slice of it, so
 any world size follows the same trajectory as one process on the whole batch.
+
+``parallel = "zero"`` (the default) keeps every parameter whole on every rank and
+shards the optimizer (``shardopt.ZeroOptimizer``, ZeRO-1/2). ``parallel = "fsdp2"``
+shards the parameters with PyTorch's ``fully_shard``, and ``tp = N`` also splits each
+block's matrices over N ranks (a dp x tp mesh; ranks of one dp index share a data
+slice); shardopt's optimizer then steps the DTensor shards (``examples/fsdp_setup.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import fsdp_setup
 from gpt_model import GPT, PRESETS, num_params
 
 import shardopt
@@ -64,6 +73,8 @@ DEFAULTS: dict[str, Any] = {
     "optimizer": "muon",
     "stage": 2,
     "matrix_layout": "balanced",  # Muon under ZeRO: "balanced" or "whole" (see the README)
+    "parallel": "zero",  # "zero": ZeroOptimizer; "fsdp2": fully_shard + shardopt's optimizer on the shards
+    "tp": 1,  # tensor-parallel ranks per data-parallel index (fsdp2 only)
     "steps": 500,
     "batch_size": 16,
     "seq_len": 128,
@@ -101,7 +112,10 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a TOML or JSON file in configs/")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS))
-    parser.add_argument("--stage", type=int, choices=(1, 2))
+    parser.add_argument("--stage", type=int, choices=(1, 2), help="ZeRO stage (parallel zero)")
+    parser.add_argument("--parallel", choices=("zero", "fsdp2"),
+                        help="zero: ZeroOptimizer, parameters whole; fsdp2: fully_shard (x TP with --tp)")
+    parser.add_argument("--tp", type=int, help="tensor-parallel size (with --parallel fsdp2; divides the heads)")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch-size", type=int, dest="batch_size", help="global batch (sequences)")
     parser.add_argument("--lr", type=float, help="peak LR (muon: of the Muon group; set adamw_lr in a config)")
@@ -149,6 +163,12 @@ def check_config(config: dict[str, Any]) -> str | None:
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             return f"{key} must be an int >= {low}, got {value!r}"
+    if config["parallel"] not in ("zero", "fsdp2"):
+        return f"parallel must be 'zero' or 'fsdp2', got {config['parallel']!r}"
+    if config["model"] in PRESETS and (problem := fsdp_setup.tp_problem(PRESETS[config["model"]], config["tp"])):
+        return problem
+    if config["tp"] != 1 and config["parallel"] != "fsdp2":
+        return f"tp {config['tp']} needs parallel = 'fsdp2' (ZeroOptimizer keeps every parameter whole)"
     if config["backend"] == "nccl" and not torch.cuda.is_available():
         return "--backend nccl needs a CUDA GPU and this process sees none; use --backend gloo"
     return None
@@ -187,11 +207,14 @@ def build_schedule(config: dict[str, Any]) -> schedules.Schedule:
     return schedules.build_schedule(name)
 
 
-def build_optimizer(model: torch.nn.Module, config: dict[str, Any]) -> shardopt.ZeroOptimizer:
+def build_optimizer(model: torch.nn.Module, config: dict[str, Any]) -> torch.optim.Optimizer:
+    """ZeroOptimizer over the whole model, or (fsdp2) shardopt's optimizer on its DTensor shards."""
     optimizer_class, hyperparameters = OPTIMIZERS[config["optimizer"]]
     hyperparameters = {**hyperparameters, **config["hyperparameters"]}
     # TOML and JSON have no tuples: betas = [0.9, 0.95] means (0.9, 0.95).
     hyperparameters = {k: tuple(v) if isinstance(v, list) else v for k, v in hyperparameters.items()}
+    if config["parallel"] == "fsdp2":  # clipping is the training loop's there (fsdp_setup.clip)
+        return fsdp_setup.build_optimizer(model, optimizer_class, hyperparameters)
     params = shardopt.muon_param_groups(model) if optimizer_class is shardopt.Muon else model.parameters()
     return shardopt.ZeroOptimizer(params, optimizer_class, stage=config["stage"],
                                   matrix_layout=config["matrix_layout"],
@@ -207,25 +230,44 @@ def progress(step: int, total: int, loss: float, tokens_per_s: float, lr: float,
             f"optim {state_mib:.2f} MiB/rank")
 
 
-def optimizer_state_bytes(opt: shardopt.ZeroOptimizer) -> int:
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     """This rank's optimizer memory: its shard of the states plus separate fp32 masters."""
+    if not isinstance(opt, shardopt.ZeroOptimizer):
+        return fsdp_setup.state_bytes(opt)
     report = opt.memory_report()
     return sum(report["optimizer_states"].values()) + report["master_params"]
+
+
+def parallel_label(config: dict[str, Any]) -> str:
+    if config["parallel"] == "zero":
+        return f"ZeRO-{config['stage']}"
+    return "FSDP2" if config["tp"] == 1 else f"FSDP2 x TP{config['tp']}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = parse_args(argv)
     joined = dist.is_initialized()  # a caller's process group is used, and left alone
     launched = init_from_env(config["backend"])
+    fsdp = config["parallel"] == "fsdp2"
+    if fsdp and not dist.is_initialized():
+        if config["tp"] > 1:  # one process has no second rank to split matrices with
+            print(f"note: one process: tp {config['tp']} needs {config['tp']} ranks; running tp 1")
+            config["tp"] = 1
+        fsdp_setup.ensure_process_group()
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     device = device_for_backend()
-    if config["batch_size"] % world:
-        raise ValueError(f"batch_size {config['batch_size']} is not divisible by the world size {world}")
     torch.manual_seed(config["seed"])
     preset = PRESETS[config["model"]]
     model_config = type(preset)(**{**preset.__dict__, "seq_len": config["seq_len"]})
     model = GPT(model_config).to(device)
+    # The slice of the global batch this rank trains on: under TP, ranks of one dp index share one.
+    slice_index, slices = rank, world
+    if fsdp:
+        layout = fsdp_setup.shard_model(model, device, config["tp"])
+        slice_index, slices = layout.dp_rank, layout.dp_size
+    if config["batch_size"] % slices:
+        raise ValueError(f"batch_size {config['batch_size']} is not divisible by the {slices} data-parallel ranks")
     opt = build_optimizer(model, config)
     scheduler = schedules.as_lr_scheduler(opt, build_schedule(config))
     data = stdlib_bytes(config["data_bytes"])
@@ -235,13 +277,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if rank == 0:
         how = launched.launcher if launched else "single process"
         print(f"shardopt example: {num_params(model):,} parameters, {world} rank(s) via {how}, "
-              f"{config['optimizer']} ZeRO-{config['stage']}, {config['steps']} steps, "
+              f"{config['optimizer']} {parallel_label(config)}, {config['steps']} steps, "
               f"{len(data):,} bytes of stdlib source (unigram entropy {unigram:.3f} nats/byte)")
     gen = torch.Generator().manual_seed(config["seed"])
     seq = config["seq_len"] + 1
     # The data generator, the LR scheduler and the step count are saved next to model and
     # optimizer (plain values: every rank holds the same), so a resumed run draws the same batches.
     def state() -> dict[str, Any]:
+        # The same for ZeroOptimizer and for shardopt's optimizer on FSDP2 DTensors (one format).
         return {"model": model.state_dict(), "optim": checkpoint.OptimizerState(model, opt),
                 "train": {"scheduler": scheduler.state_dict(), "data": gen.get_state()}}
 
@@ -266,9 +309,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for step in range(first, config["steps"] + 1):
         starts = torch.randint(0, len(train) - seq, (config["batch_size"],), generator=gen)
         batch = torch.stack([train[s : s + seq] for s in starts.tolist()])
-        local = batch.chunk(world)[rank].to(device)
+        local = batch.chunk(slices)[slice_index].to(device)
         loss = model.loss(local)
         loss.backward()
+        if fsdp and config["max_grad_norm"]:
+            fsdp_setup.clip(model, config["max_grad_norm"])
         opt.step()
         opt.zero_grad()
         scheduler.step()
@@ -295,14 +340,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 print(line, flush=True)
     elapsed = time.perf_counter() - start
-    if config["save_params"] and rank == 0:
-        Path(config["save_params"]).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({name: p.detach().cpu().clone() for name, p in model.named_parameters()}, config["save_params"])
+    if config["save_params"]:
+        params = fsdp_setup.full_parameters(model)  # whole tensors; a collective under FSDP2
+        if rank == 0:
+            Path(config["save_params"]).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(params, config["save_params"])
     result = {"final_loss": history[-1][1], "val_loss": evals[-1][1], "history": history, "evals": evals,
-              "state_bytes_per_rank": per_rank, "comm_bytes": opt.comm_stats(), "world_size": world,
-              "seconds": elapsed}
+              "state_bytes_per_rank": per_rank, "comm_bytes": None if fsdp else opt.comm_stats(),
+              "world_size": world, "seconds": elapsed}
     if rank == 0:
-        unsharded = sum(opt.inner.rule_for_group(g).state_bytes(g, p.numel(), torch.float32)
+        rules = opt if fsdp else opt.inner
+        unsharded = sum(rules.rule_for_group(g).state_bytes(g, p.numel(), torch.float32)
                         for g in opt.param_groups for p in g["params"])
         print(f"optimizer state per rank: {', '.join(f'{b / 2**20:.2f} MiB' for b in per_rank)} "
               f"(unsharded: {unsharded / 2**20:.2f} MiB); validation loss {evals[-1][1]:.3f} "
@@ -345,7 +393,7 @@ def write_plot(path: str, history: list, evals: list, config: dict[str, Any], un
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/byte)")
     ax.set_ylim(top=min(6.0, max(loss for _, loss in history) + 0.2))
-    ax.set_title(f"{config['optimizer']} ZeRO-{config['stage']} on stdlib bytes")
+    ax.set_title(f"{config['optimizer']} {parallel_label(config)} on stdlib bytes")
     ax.axhline(math.log(256), color="grey", ls=":", lw=1, label="uniform (ln 256)")
     ax.axhline(unigram, color="grey", ls="--", lw=1, label="unigram (byte frequencies)")
     ax.legend()

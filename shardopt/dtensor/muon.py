@@ -99,7 +99,16 @@ def mesh_matrix_step(rule: MatrixRule, plan: ExchangePlan, params: list[Tensor],
 
     # Assemble the owned matrices whole; transform them batched by shape.
     owned = plan.owned
+    # Where each sender's piece of each owned matrix starts in ``received``: senders pack
+    # in matrix order, while the batches below take the matrices grouped by shape.
     cursor = _offsets(plan.in_counts)
+    starts: dict[tuple[int, int], int] = {}
+    for i in owned:
+        for r in range(world):
+            piece = plan.pieces[i][r]
+            if r != rank and piece.numel and plan.senders[i][r]:
+                starts[i, r] = cursor[r]
+                cursor[r] += piece.numel
     results: dict[int, Tensor] = {}
     for batch in rule.batches([shapes[i] for i in owned], hp):
         inputs = []
@@ -113,8 +122,7 @@ def mesh_matrix_step(rule: MatrixRule, plan: ExchangePlan, params: list[Tensor],
                 if r == rank:
                     piece.write(full, mine.pop(i))
                     continue
-                piece.write(full, received[cursor[r]: cursor[r] + piece.numel])
-                cursor[r] += piece.numel
+                piece.write(full, received[starts[i, r]: starts[i, r] + piece.numel])
             inputs.append(full)
         with record_function("shardopt.matrix_transform"):
             updates = rule.transform(inputs, hp)
