@@ -172,6 +172,44 @@ def _digest(model: nn.Module, opt) -> str:
     return h.hexdigest()
 
 
+def _same_shapes(device: str) -> float:
+    """Matrices of one shape owned by one rank, interleaved with another shape (rank 1
+    owns the 4x8, 6x8 and 4x8 matrices): fp32 Newton-Schulz batches the two 4x8 together,
+    out of matrix order. The worst difference from
+    the single-process optimizer after 3 steps."""
+    from torch.distributed.fsdp import fully_shard
+
+    import shardopt
+
+    class Parallel(nn.Module):  # the branches see the same input; shapes 8x8, 4x8, 6x8, 4x8
+        def __init__(self) -> None:
+            super().__init__()
+            self.branches = nn.ModuleList(nn.Linear(8, n, bias=False) for n in (8, 4, 6, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([torch.tanh(b(x)) for b in self.branches], dim=1)
+
+    def build():
+        torch.manual_seed(1)
+        return Parallel().to(device)
+
+    def steps(model, rank, world):
+        opt = shardopt.Muon(model.parameters(), lr=0.02, ns_dtype="float32")
+        for step in range(3):
+            x, _ = _data(step, device)
+            x = torch.cat([x, x[:, :2]], dim=1)  # 8 features
+            (model(x.chunk(world)[rank]) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return model
+
+    oracle = steps(build(), 0, 1)
+    model = build()
+    fully_shard(model)
+    steps(model, dist.get_rank(), dist.get_world_size())
+    return max((p.full_tensor() - q).abs().max().item() for p, q in zip(model.parameters(), oracle.parameters()))
+
+
 def _mismatch(device: str) -> str:
     """The error when the ranks of a mesh step different matrices (rank 0 one more)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -220,6 +258,7 @@ def suite(rank: int, world_size: int, mode: str = "fsdp") -> dict:
         }
     if mode == "fsdp":
         out["mismatch"] = _mismatch(device)
+        out["same_shapes"] = _same_shapes(device)
     # What bf16 Newton-Schulz itself moves the single-process result by: the scale of a
     # flipped bf16 rounding's effect after STEPS steps.
     out["bf16_effect"] = {n: (a - b).abs().max().item() for (n, a), b in zip(

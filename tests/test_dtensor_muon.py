@@ -110,6 +110,13 @@ def test_the_same_run_twice_is_bitwise_identical():
         assert first == second == bucketed
 
 
+def test_an_owner_assembles_each_matrix_from_its_own_pieces():
+    # 8x8, 4x8, 6x8 and 4x8 matrices: rank 1 owns the last three, and fp32 Newton-Schulz
+    # transforms the two 4x8 as one batch, out of matrix order.
+    for out in results():
+        assert out["same_shapes"] <= FP32_TOL, out["same_shapes"]
+
+
 def test_ranks_stepping_different_matrices_raise_instead_of_hanging():
     for rank, out in enumerate(results()):
         assert "do not step the same matrices" in out["mismatch"], out["mismatch"]
