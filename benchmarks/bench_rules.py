@@ -1,22 +1,39 @@
-"""Time one optimizer step of each shardopt rule against its torch.optim counterpart.
+"""Time one optimizer step of each shardopt rule against torch.optim, and Newton-Schulz variants.
 
-Both sides get the same parameters and gradients (clones), are warmed up, and are
-then timed in interleaved repeats (ours, reference, ours, reference, ...), so slow
-drift of a noisy machine hits both alike. Per system the script reports the median
-and the minimum over repeats of the per-step time (a repeat is ``--steps`` steps),
-and the ratio of the medians, shardopt / reference: below 1 means shardopt is faster.
+Per rule and size (``--sizes``, default 1e6 and 1e7 fp32 parameters) four systems
+get the same parameters and gradients (clones), are warmed up, and are then timed
+in interleaved repeats (one repeat of each in turn, ``--repeats`` times), so slow
+drift of a noisy machine hits all alike:
 
-The reference is torch.optim's *default* implementation: the optimizer is built
-without a ``foreach``/``fused`` argument, which on CPU means torch's single-tensor
-(per-parameter loop) path. Lion has no torch counterpart, so it is compared with
-shardopt's own AdamW. Muon is timed on the 2-D matrices only (as torch.optim.Muon
-accepts nothing else), on a smaller set than ``--numel`` by default because
-Newton-Schulz is slow on CPU (``--muon-numel``).
+* shardopt with its default implementation (bitwise equal to torch's default);
+* shardopt with ``fused=True`` where the rule has a torch fused kernel (Adam,
+  AdamW, SGD, Adagrad; bitwise equal to torch's ``fused=True``);
+* torch.optim's default (no ``foreach``/``fused`` argument: the for-loop on CPU);
+* torch.optim's fastest: ``fused=True`` where it exists, else ``foreach=True``.
+
+Reported: the median per-step time of each, the ratios shardopt default / torch
+default and best shardopt / torch fastest (below 1: shardopt faster), whether the
+parameters after the run are bitwise equal to torch's matching implementation,
+and the achieved optimizer traffic of the best shardopt system in GB/s (bytes
+every step must read and write: parameter, gradient and each state read, the
+parameter and each state written; ``TRAFFIC``) as a fraction of a memory-bandwidth
+probe run in the same process (``a += b`` over two tensors of ``--probe-mb`` MB:
+read plus write bytes per second, the median of its repeats, interleaved with the
+cases; :class:`BandwidthProbe`). At 1e6 parameters the step's data (20-36 MB)
+partly stays in the last-level cache, so it may beat the probe. Lion has no
+torch counterpart: only shardopt's numbers. Muon (2-D matrices only,
+``--muon-numel``) is compared with torch.optim.Muon; it is compute-bound, so it
+has no bandwidth column, and runs only with ``--only muon``.
+
+``--ns`` times Newton-Schulz alone, standard against Gram (``ns_method``), per
+shape and dtype, with the relative distance of the Gram result from the standard
+fp32 one.
 
 Usage, from the repository root::
 
-    python benchmarks/bench_rules.py                    # defaults: ~4e6 parameters
-    python benchmarks/bench_rules.py --markdown --numel 1e7 --only adam
+    python benchmarks/bench_rules.py                          # 1e6 and 1e7 parameters
+    python benchmarks/bench_rules.py --markdown --sizes 1e7 --only adam
+    python benchmarks/bench_rules.py --ns                     # Newton-Schulz only
 """
 
 from __future__ import annotations
@@ -75,46 +92,44 @@ def muon_shapes(shapes: Sequence[Shape], numel: int) -> list[Shape]:
 
 @dataclass(frozen=True)
 class Case:
+    """A rule: torch.optim's name (None: no counterpart), its arguments, whether torch
+    has a fused kernel for it, and its bytes of optimizer traffic per fp32 element."""
+
     name: str
-    ours: MakeOptimizer
-    reference: MakeOptimizer
-    reference_label: str = "torch"
+    optimizer: str
+    kwargs: dict
+    traffic: int | None
+    torch_name: str | None = None
+    fused: bool = False
     matrices_only: bool = False
+    by_default: bool = True
+
+    def ours(self, impl: str) -> MakeOptimizer:
+        flags = {"fused": True} if impl == "fused" else {}
+        return lambda p: getattr(shardopt, self.optimizer)(p, **self.kwargs, **flags)
+
+    def torch(self, impl: str) -> MakeOptimizer:
+        flags = {"default": {}, "fused": {"fused": True}, "foreach": {"foreach": True}}[impl]
+        return lambda p: getattr(torch.optim, self.torch_name or "")(p, **self.kwargs, **flags)
 
 
+def _bytes(reads: int, writes: int) -> int:
+    return 4 * (reads + writes)
+
+
+# TRAFFIC: parameter, gradient and states read; parameter and states written.
 CASES: tuple[Case, ...] = (
-    Case("SGD momentum",
-         lambda p: shardopt.SGD(p, lr=1e-3, momentum=0.9),
-         lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9)),
-    Case("SGD nesterov",
-         lambda p: shardopt.SGD(p, lr=1e-3, momentum=0.9, nesterov=True),
-         lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9, nesterov=True)),
-    Case("Adagrad",
-         lambda p: shardopt.Adagrad(p),
-         lambda p: torch.optim.Adagrad(p)),
-    Case("RMSprop",
-         lambda p: shardopt.RMSprop(p),
-         lambda p: torch.optim.RMSprop(p)),
-    Case("RMSprop centered+momentum",
-         lambda p: shardopt.RMSprop(p, centered=True, momentum=0.9),
-         lambda p: torch.optim.RMSprop(p, centered=True, momentum=0.9)),
-    Case("Adam",
-         lambda p: shardopt.Adam(p),
-         lambda p: torch.optim.Adam(p)),
-    Case("Adam amsgrad",
-         lambda p: shardopt.Adam(p, amsgrad=True),
-         lambda p: torch.optim.Adam(p, amsgrad=True)),
-    Case("AdamW",
-         lambda p: shardopt.AdamW(p),
-         lambda p: torch.optim.AdamW(p)),
-    Case("Muon (2-D only)",
-         lambda p: shardopt.Muon(p, lr=0.02),
-         lambda p: torch.optim.Muon(p, lr=0.02),
-         matrices_only=True),
-    Case("Lion",
-         lambda p: shardopt.Lion(p),
-         lambda p: shardopt.AdamW(p),
-         reference_label="shardopt AdamW"),
+    Case("SGD momentum", "SGD", dict(lr=1e-3, momentum=0.9), _bytes(3, 2), "SGD", fused=True),
+    Case("SGD nesterov", "SGD", dict(lr=1e-3, momentum=0.9, nesterov=True), _bytes(3, 2), "SGD", fused=True),
+    Case("Adagrad", "Adagrad", {}, _bytes(3, 2), "Adagrad", fused=True),
+    Case("RMSprop", "RMSprop", {}, _bytes(3, 2), "RMSprop"),
+    Case("RMSprop centered+momentum", "RMSprop", dict(centered=True, momentum=0.9), _bytes(5, 4), "RMSprop"),
+    Case("Adam", "Adam", {}, _bytes(4, 3), "Adam", fused=True),
+    Case("Adam amsgrad", "Adam", dict(amsgrad=True), _bytes(5, 4), "Adam", fused=True),
+    Case("AdamW", "AdamW", {}, _bytes(4, 3), "AdamW", fused=True),
+    Case("Lion", "Lion", {}, _bytes(3, 2)),
+    # Compute-bound (Newton-Schulz; see --ns): only with --only muon.
+    Case("Muon (2-D only)", "Muon", dict(lr=0.02), None, "Muon", matrices_only=True, by_default=False),
 )
 
 
@@ -153,137 +168,220 @@ class Runner:
         return (time.perf_counter() - start) / steps
 
 
+class BandwidthProbe:
+    """Memory bandwidth of ``a += b`` over large tensors (STREAM's in-place add: two
+    reads and one write per element, the write to a line just read, as an optimizer
+    writes its states; a plain copy would also read every destination line before
+    writing it, traffic it does not count)."""
+
+    def __init__(self, megabytes: float) -> None:
+        numel = int(megabytes * 2**20 / 4)
+        self.src, self.dst = torch.randn(numel), torch.empty(numel)
+        self.samples: list[float] = []
+
+    def run(self, times: int = 3) -> None:
+        for _ in range(times):
+            start = time.perf_counter()
+            self.dst.add_(self.src)
+            self.samples.append(3 * self.src.nbytes / (time.perf_counter() - start))
+
+    @property
+    def bytes_per_s(self) -> float:
+        return statistics.median(self.samples)
+
+
+SYSTEMS = ("ours", "ours fused", "torch", "torch fastest")
+
+
 @dataclass
 class Result:
     case: Case
     numel: int
-    ours: list[float]
-    reference: list[float]
-    max_diff: float | None
+    times: dict[str, list[float]]
+    fastest: str  # torch's fastest implementation: "fused" or "foreach"
+    bitwise: str
 
-    @property
-    def ratio(self) -> float:
-        return statistics.median(self.ours) / statistics.median(self.reference)
+    def median(self, system: str) -> float | None:
+        return statistics.median(self.times[system]) if self.times.get(system) else None
+
+    def best_ours(self) -> float:
+        return min(t for t in (self.median("ours"), self.median("ours fused")) if t is not None)
 
 
-def run_case(case: Case, shapes: Sequence[Shape], args: argparse.Namespace) -> Result:
+def run_case(case: Case, shapes: Sequence[Shape], args: argparse.Namespace, probe: BandwidthProbe) -> Result:
     params, grad_sets = make_tensors(shapes, args.seed)
-    ours = Runner(case.ours, params, grad_sets)
-    reference = Runner(case.reference, params, grad_sets)
+    runners: dict[str, Runner] = {"ours": Runner(case.ours("default"), params, grad_sets)}
+    fastest = "fused" if case.fused else "foreach"
+    if case.fused:
+        runners["ours fused"] = Runner(case.ours("fused"), params, grad_sets)
+    if case.torch_name is not None:
+        runners["torch"] = Runner(case.torch("default"), params, grad_sets)
+        if not case.matrices_only:
+            runners["torch fastest"] = Runner(case.torch(fastest), params, grad_sets)
     del params, grad_sets
-    for runner in (ours, reference):
+    for runner in runners.values():
         runner.run(args.warmup)
-    ours_times: list[float] = []
-    reference_times: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name in runners}
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for _ in range(args.repeats):
-            ours_times.append(ours.run(args.steps))
-            reference_times.append(reference.run(args.steps))
+            for name, runner in runners.items():
+                times[name].append(runner.run(args.steps))
+            probe.run(1)
     finally:
         if gc_was_enabled:
             gc.enable()
-    max_diff = None
-    if case.reference_label == "torch":
-        # Same inputs, same number of steps: shows both sides did the same math.
-        pairs = zip(ours.params, reference.params, strict=True)
-        max_diff = max(float((a - b).abs().max()) for a, b in pairs)
-    return Result(case, numel_of(shapes), ours_times, reference_times, max_diff)
+    # Same inputs, same number of steps: the pairs that promise bitwise equality.
+    checks = []
+    for ours, theirs in (("ours", "torch"), ("ours fused", "torch fastest")):
+        if ours in runners and theirs in runners:
+            same = all(torch.equal(a, b) for a, b in zip(runners[ours].params, runners[theirs].params, strict=True))
+            checks.append("yes" if same else "NO")
+    return Result(case, numel_of(shapes), times, fastest, "/".join(checks) or "-")
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f}"
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
 
 
 HEADER = (
-    "case", "numel", "vs", "shardopt median ms", "shardopt min ms",
-    "ref median ms", "ref min ms", "ratio (median)", "max abs dparam",
+    "case", "numel", "shardopt ms", "shardopt fused ms", "torch default ms", "torch fastest ms",
+    "default / torch default", "best / torch fastest", "bitwise", "GB/s (best)", "of probe",
 )
 
 
-def result_row(result: Result) -> tuple[str, ...]:
-    diff = "-" if result.max_diff is None else f"{result.max_diff:.1e}"
+def result_row(result: Result, probe: BandwidthProbe) -> tuple[str, ...]:
+    ours, torch_default = result.median("ours"), result.median("torch")
+    fastest = result.median("torch fastest")
+    best = result.best_ours()
+    speed, share = "-", "-"
+    if result.case.traffic is not None:
+        rate = result.case.traffic * result.numel / best
+        speed, share = f"{rate / 1e9:.1f}", f"{rate / probe.bytes_per_s:.2f}"
     return (
-        result.case.name, f"{result.numel:,}", result.case.reference_label,
-        ms(statistics.median(result.ours)), ms(min(result.ours)),
-        ms(statistics.median(result.reference)), ms(min(result.reference)),
-        f"{result.ratio:.2f}", diff,
+        result.case.name, f"{result.numel:.0e}", ms(ours), ms(result.median("ours fused")), ms(torch_default),
+        "-" if fastest is None else f"{ms(fastest)} ({result.fastest})",
+        "-" if torch_default is None else f"{ours / torch_default:.2f}",  # type: ignore[operator]
+        "-" if fastest is None else f"{best / fastest:.2f}",
+        result.bitwise, speed, share,
     )
 
 
-def format_plain(rows: list[tuple[str, ...]]) -> str:
-    table = [HEADER, *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(HEADER))]
+def format_table(header: Sequence[str], rows: list[tuple[str, ...]], markdown: bool) -> str:
+    """Aligned plain text (first column left) or a GitHub markdown table."""
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    table = [tuple(header), *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = []
     for index, row in enumerate(table):
-        cells = [cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in
-                 enumerate(zip(row, widths, strict=True))]
-        lines.append("  ".join(cells))
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if index == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def format_markdown(rows: list[tuple[str, ...]]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |",
-             "|" + "|".join(["---"] * 3 + ["---:"] * (len(HEADER) - 3)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+# Newton-Schulz shapes per dtype: bf16 matmuls without CPU bf16 instructions are
+# about 50x slower than fp32 here, so bf16 runs smaller matrices.
+NS_SHAPES = {
+    torch.float32: ((512, 512), (512, 2048), (2048, 512), (768, 3072), (256, 1024)),
+    torch.bfloat16: ((128, 128), (128, 512), (512, 128)),
+}
+
+
+def newton_schulz_rows(args: argparse.Namespace) -> list[tuple[str, ...]]:
+    """Standard against Gram Newton-Schulz (5 Jordan steps), interleaved, per shape and dtype."""
+    from shardopt.rules.newton_schulz import JORDAN, orthogonalize, resolve_ns_method
+
+    rows = []
+    for dtype, shapes in NS_SHAPES.items():
+        for shape in shapes:
+            matrix = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
+            times: dict[str, list[float]] = {"standard": [], "gram": []}
+            outputs = {}
+            for _ in range(args.repeats):
+                for method in times:
+                    start = time.perf_counter()
+                    outputs[method] = orthogonalize(matrix, JORDAN, 5, dtype=dtype, method=method)
+                    times[method].append(time.perf_counter() - start)
+            reference = orthogonalize(matrix, JORDAN, 5, dtype=torch.float32).double()
+            distance = float((outputs["gram"].double() - reference).norm() / reference.norm())
+            own = float((outputs["standard"].double() - reference).norm() / reference.norm())
+            standard, gram = statistics.median(times["standard"]), statistics.median(times["gram"])
+            rows.append((f"{shape[0]}x{shape[1]}", str(dtype).removeprefix("torch."), ms(standard), ms(gram),
+                         f"{gram / standard:.2f}", f"{distance:.1e}", f"{own:.1e}",
+                         resolve_ns_method("auto", *shape, 5, dtype)))
+            print(f"  newton-schulz {rows[-1][0]} {rows[-1][1]}: gram/standard {rows[-1][4]}",
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+NS_HEADER = ("shape", "dtype", "standard ms", "gram ms", "gram / standard",
+             "gram vs fp32 standard (rel)", "standard vs fp32 standard (rel)", "auto picks")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--numel", type=float, default=4e6,
-                        help="total fp32 parameter elements (default 4e6)")
+    parser.add_argument("--sizes", default="1e6,1e7",
+                        help="comma-separated totals of fp32 parameter elements (default 1e6,1e7)")
     parser.add_argument("--muon-numel", type=float, default=3e6,
                         help="elements of the 2-D matrices Muon is timed on (default 3e6: one block)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5)")
     parser.add_argument("--steps", type=int, default=10, help="steps per repeat (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--probe-mb", type=float, default=256.0,
+                        help="MB per tensor of the memory-bandwidth probe (default 256)")
     parser.add_argument("--only", metavar="NAME", default=None,
                         help="run the cases whose name contains NAME (e.g. adam, muon)")
-    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--ns", action="store_true", help="time Newton-Schulz standard vs Gram only")
+    parser.add_argument("--markdown", action="store_true", help="print markdown tables")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.steps < 1 or args.warmup < 0:
-        parser.error("--repeats and --steps must be >= 1 and --warmup >= 0")
+    args.sizes = [int(float(size)) for size in args.sizes.split(",") if size]
+    if args.repeats < 1 or args.steps < 1 or args.warmup < 0 or not args.sizes:
+        parser.error("--repeats, --steps and --sizes must be >= 1 and --warmup >= 0")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    shapes = model_shapes(int(args.numel))
-    matrices = muon_shapes(shapes, int(args.muon_numel))
-    cases = [c for c in CASES if args.only is None or case_key(args.only) in case_key(c.name)]
+    print(f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}")
+    if args.ns:
+        print(f"Newton-Schulz: 5 steps, Jordan coefficients; {args.repeats} interleaved repeats, medians\n")
+        print(format_table(NS_HEADER, newton_schulz_rows(args), args.markdown))
+        return
+    cases = [c for c in CASES if (c.by_default if args.only is None else case_key(args.only) in case_key(c.name))]
     if not cases:
         raise SystemExit(f"--only {args.only!r} matches no case; cases: "
                          + ", ".join(c.name for c in CASES))
-
-    print(f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}")
-    print(f"parameters: {numel_of(shapes):,} fp32 elements in {len(shapes)} tensors "
-          f"(blocks of d_model={D_MODEL}: 512x512, 2048x512, 512x2048 matrices + 1-D vectors)")
+    print(f"parameters: blocks of d_model={D_MODEL} (512x512, 2048x512, 512x2048 matrices + 1-D vectors), "
+          f"fp32, totals {', '.join(f'{size:.0e}' for size in args.sizes)}")
     if any(c.matrices_only for c in cases):
-        counts = {shape: matrices.count(shape) for shape in dict.fromkeys(matrices)}
-        listing = ", ".join(f"{n}x {height}x{width}" for (height, width), n in counts.items())
-        smaller = numel_of(matrices) < numel_of([s for s in shapes if len(s) == 2])
-        note = " (a smaller set: Newton-Schulz is slow on CPU)" if smaller else ""
-        print(f"Muon: 2-D matrices only{note}: {numel_of(matrices):,} elements ({listing}); "
-              "--muon-numel to change")
-    print("reference: torch.optim default implementation (no foreach/fused argument); "
-          "Lion vs shardopt AdamW (no torch counterpart)")
-    print(f"timing: {args.warmup} warm-up steps, then {args.repeats} interleaved repeats of "
-          f"{args.steps} steps; per-step median and min over repeats; "
-          "ratio = shardopt median / reference median (< 1: shardopt faster)")
-    print(flush=True)
-
+        matrices = muon_shapes(model_shapes(int(args.muon_numel)), int(args.muon_numel))
+        print(f"Muon: 2-D matrices only, {numel_of(matrices):,} elements at every size (--muon-numel)")
+    print(f"timing: {args.warmup} warm-up steps, then {args.repeats} interleaved repeats of {args.steps} "
+          "steps; per-step medians; ratios < 1: shardopt faster; bitwise: shardopt default vs torch "
+          "default / shardopt fused vs torch fused")
+    probe = BandwidthProbe(args.probe_mb)
+    probe.run(5)
     rows = []
-    for case in cases:
-        result = run_case(case, matrices if case.matrices_only else shapes, args)
-        rows.append(result_row(result))
-        print(f"  {case.name}: ratio {result.ratio:.2f}", file=sys.stderr, flush=True)
-    print(format_markdown(rows) if args.markdown else format_plain(rows))
+    for size in args.sizes:
+        shapes = model_shapes(size)
+        for case in cases:
+            case_shapes = (muon_shapes(model_shapes(int(args.muon_numel)), int(args.muon_numel))
+                           if case.matrices_only else shapes)
+            if case.matrices_only and size != args.sizes[0]:
+                continue  # the same matrices at every size: once is enough
+            result = run_case(case, case_shapes, args, probe)
+            rows.append(result_row(result, probe))
+            print(f"  {case.name} {size:.0e}: best / torch fastest {rows[-1][7]}", file=sys.stderr, flush=True)
+    print(f"memory-bandwidth probe: a += b over {args.probe_mb:.0f} MB tensors, median "
+          f"{probe.bytes_per_s / 1e9:.1f} GB/s (read + write) over {len(probe.samples)} runs interleaved "
+          "with the cases\n")
+    print(format_table(HEADER, rows, args.markdown))
 
 
 if __name__ == "__main__":

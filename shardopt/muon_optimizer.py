@@ -34,7 +34,15 @@ class Muon(RuleOptimizer):
     groups; any key set in a group wins. ``ns_dtype`` and ``use_muon`` are shardopt's own
     group keys: a torch.optim.Muon checkpoint lacks them and loads with torch's semantics,
     ``ns_dtype="bfloat16"`` and ``use_muon=True`` (:meth:`checkpoint_group`), whatever
-    this optimizer was constructed with.
+    this optimizer was constructed with; ``ns_method`` likewise (``"standard"``). A
+    group has the ``ns_method`` key only when it is not ``"standard"`` (set here or in
+    the group), so default groups keep torch.optim.Muon's keys.
+
+    ``ns_method``: ``"standard"`` (default: torch.optim.Muon's iteration, bitwise with
+    bfloat16), ``"gram"`` (Gram Newton-Schulz, :mod:`shardopt.rules.newton_schulz`;
+    measured 0.6-0.7x the time of the standard iteration on CPU for matrices four times
+    as wide as tall, 1.2x for square ones) or ``"auto"`` (Gram where it takes fewer
+    multiply-adds, per shape).
 
     Beyond torch.optim.Muon, which refuses every parameter that is not 2-D, Muon
     groups take conv kernels of any dimensionality (as ``(out, rest)``) and stacks of
@@ -57,6 +65,7 @@ class Muon(RuleOptimizer):
         adjust_lr_fn: str | None = None,
         *,
         ns_dtype: str = "bfloat16",
+        ns_method: str = "standard",
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
@@ -71,11 +80,15 @@ class Muon(RuleOptimizer):
             "eps": adamw_eps,
             "weight_decay": adamw_weight_decay,
         }
-        super().__init__(params, dict(
+        defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
             adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, use_muon=True,
-        ))
+        )
+        if ns_method != "standard":
+            # Only when asked, as matrix_view: default groups keep torch.optim.Muon's keys.
+            defaults["ns_method"] = ns_method
+        super().__init__(params, defaults)
 
     def rule_for_group(self, group: Mapping[str, Any]) -> UpdateRule:
         return self.muon_rule if group.get("use_muon", True) else self.adamw_rule
@@ -100,6 +113,12 @@ class Muon(RuleOptimizer):
             except ValueError as error:
                 self.param_groups.pop()
                 raise ValueError(f"{self.param_label(param)}: {error}") from error
+
+    def checkpoint_group(self, saved: Mapping[str, Any]) -> dict[str, Any]:
+        group = super().checkpoint_group(saved)
+        if "ns_method" not in saved:
+            group.pop("ns_method", None)  # a group without the key: the standard iteration
+        return group
 
     def fill_group_defaults(self, param_group: dict[str, Any]) -> None:
         if not param_group.get("use_muon", True):

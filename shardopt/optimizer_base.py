@@ -9,16 +9,35 @@ explicit tensors to the rule.
 
 Implementation flags. torch.optim's ``foreach``, ``fused``, ``differentiable``
 and ``capturable`` are accepted, kept in the param groups (state dicts keep
-torch's keys) and checked as torch checks them, but shardopt runs one
-implementation whatever they say: the operation order of torch.optim's default
-single-tensor path, so results are bitwise those of torch with the flags off.
-With ``fused=True`` or ``capturable=True``, ``step`` lives on the parameter's
-device, as torch keeps it then (and as torch moves it on load); the step is not
-fused into one kernel and cannot be captured in a CUDA graph: per-step scalars
-are read to the host once per param group and step. ``differentiable=True``
-does not make the step differentiable (it runs under ``torch.no_grad``); torch's
-capturable and differentiable paths compute the same update in another order,
-so they may differ from shardopt (and from torch's default path) in the last bits.
+torch's keys) and checked as torch checks them (the same errors for the same
+combinations). Two implementations run:
+
+* ``fused=True`` (Adam, AdamW, SGD, Adagrad): torch's own one-pass kernels
+  (``torch._fused_adam_`` and siblings, :mod:`shardopt.rules.fused`), called with
+  the arguments torch.optim prepares, so results are bitwise those of torch.optim
+  with ``fused=True``; ``step`` lives on the parameter's device and is never read
+  to the host (SGD with dampening reads it once per group and step). This is the
+  fast choice on CPU and CUDA: one read and one write per element and state.
+  ``torch.amp.GradScaler`` works with it as with torch's fused optimizers
+  (``_step_supports_amp_scaling``; its ``grad_scale``/``found_inf`` go to the kernel).
+* anything else, including the default ``fused=None``: the operation order of
+  torch.optim's default single-tensor path, run as foreach ops over cache-sized
+  lists, so results are bitwise those of torch with the flags off (torch's own
+  default on CPU). ``foreach=True`` selects the same code: torch's foreach path
+  computes the same update in another order, so it may differ in the last bits.
+
+The default stays torch's default (``fused=None``, the single-tensor order):
+the drop-in promise is that ``shardopt.X(...)`` gives what ``torch.optim.X(...)``
+gives with the same arguments; ``fused=True`` gives what torch's ``fused=True``
+gives, and is faster in both. torch's fused Adam rounds differently from its
+default path (last bits), so making it the default would break that promise.
+With ``capturable=True``, ``step`` lives on the parameter's device, as torch
+keeps it (and as torch moves it on load); the step is not captured in a CUDA
+graph: per-step scalars are read to the host once per param group and step.
+``differentiable=True`` does not make the step differentiable (it runs under
+``torch.no_grad``); torch's capturable and differentiable paths compute the same
+update in another order, so they may differ from shardopt (and from torch's
+default path) in the last bits.
 
 Host synchronisation. ``step`` is kept on the CPU, as torch.optim does without
 ``capturable``/``fused``, and every per-step scalar (step counts, bias
@@ -36,6 +55,7 @@ import torch
 from torch import Tensor
 
 from .rules.base import MatrixRule, StateShape, UpdateRule, apply_update
+from .rules.fused import FOUND_INF, GRAD_SCALE
 from .rules.state_check import check_loaded_state
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
@@ -72,6 +92,10 @@ class RuleOptimizer(torch.optim.Optimizer):
         # torch.optim.Optimizer takes tensors, dicts and (name, tensor) pairs, and keeps
         # the names as each group's "param_names" (and refuses named and unnamed mixed).
         super().__init__(items, defaults)
+        if defaults.get("fused") and self.rule_for_group(defaults).fused_kernel:
+            # As torch.optim's Adam, AdamW, SGD and Adagrad with fused=True: GradScaler then sets grad_scale and
+            # found_inf on the optimizer instead of unscaling the gradients itself.
+            self._step_supports_amp_scaling = True
 
     def rule_for_group(self, group: Mapping[str, Any]) -> UpdateRule:
         return self.rule
@@ -221,6 +245,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        amp = {GRAD_SCALE: getattr(self, "grad_scale", None), FOUND_INF: getattr(self, "found_inf", None)}
+        scaled = any(value is not None for value in amp.values())
         for group in self.param_groups:
             params, grads, states = [], [], []
             for param in group["params"]:
@@ -235,6 +261,12 @@ class RuleOptimizer(torch.optim.Optimizer):
                 grads.append(param.grad)
                 states.append(self.init_state(param, group))
             rule = self.rule_for_group(group)
+            if scaled:
+                if not (rule.fused_kernel and group.get("fused")):
+                    # torch's non-fused paths refuse them too (an assert in _single_tensor_adam).
+                    raise RuntimeError(f"{type(self).__name__}: grad_scale/found_inf (torch.amp.GradScaler) "
+                                       "are only supported with fused=True")
+                group = {**group, **amp}
             if isinstance(rule, MatrixRule) and any(_is_dtensor(p) for p in params):
                 # FSDP2/TP matrices: each transformed once, by one owner rank (docs/design/dtensor.md).
                 from .dtensor.muon import dtensor_matrix_update

@@ -123,12 +123,14 @@ def test_config_matches_torch_with_and_without_schedulers(name, index):
 @pytest.mark.parametrize("name", [n for n in NAMES if n in INFOS])
 def test_implementation_flags_are_accepted_and_change_nothing(name):
     """torch's global flags (foreach, fused, differentiable where torch takes them on CPU):
-    shardopt accepts them and stays bitwise equal to torch's default path."""
+    shardopt accepts them and stays bitwise equal to torch's default path, except that
+    ``fused=True`` runs torch's fused kernels, bitwise equal to torch's fused path."""
     for optim_input in _get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, INFOS[name]):
         kwargs = optim_input.kwargs
         plain = {k: v for k, v in kwargs.items() if k not in IMPL_FLAGS}
         theirs, ours = make_params(name, 2)
-        torch_opt = getattr(torch.optim, name)(theirs, **copy.deepcopy(plain))
+        reference = kwargs if kwargs.get("fused") else plain
+        torch_opt = getattr(torch.optim, name)(theirs, **copy.deepcopy(reference))
         our_opt = getattr(shardopt, name)(ours, **copy.deepcopy(kwargs))
         assert {k: our_opt.param_groups[0][k] for k in IMPL_FLAGS if k in kwargs} == \
             {k: kwargs[k] for k in IMPL_FLAGS if k in kwargs}

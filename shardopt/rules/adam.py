@@ -14,8 +14,10 @@ Adam applies weight decay as L2 regularisation, :math:`g_t \\leftarrow g_t +
 Hutter, "Decoupled Weight Decay Regularization", Algorithm 2). ``amsgrad``
 normalises by the running maximum of :math:`v_t` (Reddi et al. 2018).
 
-The operation order follows torch.optim.Adam's single-tensor path, so results
-match it bitwise on the same inputs.
+The default operation order follows torch.optim.Adam's single-tensor path, so
+results match it bitwise on the same inputs. With ``fused=True`` in a group the
+update is torch's one-pass kernel (``torch._fused_adam_``/``_fused_adamw_``,
+:mod:`.fused`), bitwise equal to torch.optim.Adam(W) with ``fused=True``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import Tensor
 
 from .base import STEP, StateSpec, UpdateRule, increment_steps
 from .checks import IMPL_FLAGS, check_betas, check_bool, check_impl_flags, check_nonneg
+from .fused import advance_steps, amp_tensors, by_device_and_dtype, kernel_lr, undo_skipped_steps
 from .scalars import as_scalar, host_floats, per_distinct
 
 
@@ -37,6 +40,7 @@ class AdamRule(UpdateRule):
 
     name = "adam"
     decoupled_weight_decay = False
+    fused_kernel = True
     defaults = {
         "lr": 1e-3,
         "betas": (0.9, 0.999),
@@ -81,6 +85,9 @@ class AdamRule(UpdateRule):
     ) -> None:
         if not params:
             return
+        if hp.get("fused"):
+            self.fused_update(params, grads, states, hp)
+            return
         lr, eps, weight_decay = as_scalar(hp["lr"]), hp["eps"], hp["weight_decay"]
         beta1, beta2 = (as_scalar(beta) for beta in hp["betas"])
         steps = increment_steps(states)
@@ -115,6 +122,26 @@ class AdamRule(UpdateRule):
         torch._foreach_div_(denom, bias2_sqrt)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, neg_step_sizes)
+
+
+    def fused_update(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                     hp: Mapping[str, Any]) -> None:
+        """torch.optim.Adam's ``_fused_adam``: one kernel call per (device, dtype)."""
+        # torch turns Tensor betas into numbers for the kernel's float arguments
+        # (_to_scalar, then float()); one read for both.
+        beta1, beta2 = host_floats([as_scalar(beta) for beta in hp["betas"]])
+        amsgrad = hp["amsgrad"]
+        kernel = torch._fused_adamw_ if self.decoupled(hp) else torch._fused_adam_
+        columns = [params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                   [s["max_exp_avg_sq"] for s in states] if amsgrad else [None] * len(params),
+                   [s["step"] for s in states]]
+        for device, (p, g, m, v, vmax, steps) in by_device_and_dtype(columns):
+            grad_scale, found_inf = amp_tensors(hp, device)
+            advance_steps(steps)
+            kernel(p, g, m, v, vmax if amsgrad else [], steps, amsgrad=amsgrad, lr=kernel_lr(hp["lr"], device),
+                   beta1=beta1, beta2=beta2, weight_decay=hp["weight_decay"], eps=hp["eps"],
+                   maximize=hp["maximize"], grad_scale=grad_scale, found_inf=found_inf)
+            undo_skipped_steps(steps, found_inf)
 
 
 class AdamWRule(AdamRule):

@@ -102,6 +102,7 @@ def allocate_state(
 __all__ = [
     "STEP", "Granularity", "MatrixRule", "StateShape", "StateSpec", "UpdateRule", "allocate_state",
     "apply_update", "check_betas", "check_bool", "check_nonneg", "check_unit_interval", "increment_steps",
+    "region_views",
 ]
 
 
@@ -120,6 +121,8 @@ class UpdateRule(abc.ABC):
     name: ClassVar[str]
     granularity: ClassVar[Granularity] = Granularity.ELEMENTWISE
     defaults: ClassVar[Mapping[str, Any]]
+    #: ``update`` runs torch's fused kernel when a group says ``fused=True`` (:mod:`.fused`).
+    fused_kernel: ClassVar[bool] = False
 
     @abc.abstractmethod
     def validate(self, hp: Mapping[str, Any]) -> None:
@@ -284,7 +287,8 @@ def apply_update(
     states: list[dict[str, Tensor]],
     hp: Mapping[str, Any],
 ) -> None:
-    """``rule.update`` over cache-sized lists on CPU; one call elsewhere or for matrix rules.
+    """``rule.update`` over cache-sized lists on CPU; one call elsewhere, for matrix rules
+    and for fused kernels (one pass, no temporaries: nothing to keep in cache).
 
     An elementwise rule on DTensor parameters runs on their local shards, without
     communication, where gradient and states share the parameter's layout
@@ -298,6 +302,7 @@ def apply_update(
         rule.granularity is not Granularity.ELEMENTWISE
         or not params
         or params[0].device.type != "cpu"
+        or (rule.fused_kernel and hp.get("fused"))
         or sum(p.numel() for p in params) <= CPU_CHUNK_NUMEL
     ):
         rule.update(params, grads, states, hp)
@@ -317,22 +322,32 @@ def apply_update(
 
 
 def _pieces(param: Tensor, grad: Tensor, state: dict[str, Tensor]):
-    """Views of ``param``, its gradient and its state in chunks of CPU_CHUNK_NUMEL elements.
-
-    Scalar states (``step``) are shared by every piece of a parameter: the first
-    piece holds the real tensor, the others a copy taken before the update, so the
-    step advances once and every piece sees the same value.
-    """
-    if param.numel() <= CPU_CHUNK_NUMEL or not (param.is_contiguous() and grad.is_contiguous()):
+    """Views of ``param``, its gradient and its state in chunks of CPU_CHUNK_NUMEL elements."""
+    numel = param.numel()
+    if numel <= CPU_CHUNK_NUMEL or not (param.is_contiguous() and grad.is_contiguous()):
         yield param, grad, state
         return
-    flat_state = {name: t.view(-1).split(CPU_CHUNK_NUMEL) for name, t in state.items() if t.dim() > 0}
+    yield from region_views(param, grad, state, [(start, min(start + CPU_CHUNK_NUMEL, numel))
+                                                 for start in range(0, numel, CPU_CHUNK_NUMEL)])
+
+
+def region_views(param: Tensor, grad: Tensor, state: Mapping[str, Tensor],
+                 bounds: Sequence[tuple[int, int]]) -> list[tuple[Tensor, Tensor, dict[str, Tensor]]]:
+    """``(param, grad, state)`` views of the flattened (contiguous) tensors over each
+    ``[start, stop)`` of ``bounds``, for an elementwise rule to update region by region.
+
+    Scalar states (``step``) are shared by every region: the first region holds the
+    real tensor, the others a copy taken before the update, so the step advances
+    once and every region sees the same value.
+    """
+    flat = {name: t.view(-1) for name, t in state.items() if t.dim() > 0}
     scalars = {name: t for name, t in state.items() if t.dim() == 0}
     copies = {name: t.clone() for name, t in scalars.items()}
-    for index, (param_piece, grad_piece) in enumerate(
-        zip(param.view(-1).split(CPU_CHUNK_NUMEL), grad.view(-1).split(CPU_CHUNK_NUMEL))
-    ):
-        piece_state = {name: chunks[index] for name, chunks in flat_state.items()}
+    param, grad = param.view(-1), grad.view(-1)
+    out = []
+    for index, (start, stop) in enumerate(bounds):
+        piece_state = {name: t[start:stop] for name, t in flat.items()}
         for name in scalars:
             piece_state[name] = scalars[name] if index == 0 else copies[name].clone()
-        yield param_piece, grad_piece, piece_state
+        out.append((param[start:stop], grad[start:stop], piece_state))
+    return out

@@ -8,6 +8,13 @@ optimizer for hidden layers in neural networks"; torch.optim.Muon)::
     O_t = NS_k(U_t) \\approx U V^T    where U_t = U \\Sigma V^T
     \\theta_{t+1} = (1 - \\eta\\lambda) \\theta_t - \\eta\\, s(rows, cols)\\, O_t
 
+``ns_method`` (a shardopt group key; a group without it, torch.optim.Muon's
+keys only, runs the standard iteration, as torch.optim.Muon) may be
+``"gram"``, the same polynomials iterated through the Gram matrix
+(:func:`~shardopt.rules.newton_schulz.gram_orthogonalize`; fewer multiply-adds
+for rectangular matrices, equal in exact arithmetic, not bitwise), or
+``"auto"``: Gram where it needs fewer multiply-adds, per shape.
+
 The chapter's "project away high-curvature directions" is, in practice, the
 replacement of every singular value by (about) one; see
 :mod:`shardopt.rules.newton_schulz`. The scale ``s`` (``adjust_lr_fn``) is
@@ -50,12 +57,15 @@ from .checks import check_bool, check_nonneg, check_unit_interval
 from .newton_schulz import (
     MATRIX_VIEWS,
     as_matrices,
+    check_ns_method,
+    gram_workspace_numel,
     matrix_count,
     matrix_shape,
     newton_schulz_flops,
     orthogonalize,
     resolve_coefficients,
     resolve_matrix_view,
+    resolve_ns_method,
 )
 from .scalars import as_scalar, host_floats
 
@@ -111,6 +121,13 @@ def _view(hp: Mapping[str, Any]) -> str | None:
     return hp.get("matrix_view")
 
 
+def _method(hp: Mapping[str, Any], shape: tuple[int, ...], dtype: torch.dtype) -> str:
+    """``"standard"`` or ``"gram"`` for the matrices of a parameter of ``shape`` (the group's
+    ``ns_method``; a group without the key, a torch.optim.Muon checkpoint's, is standard)."""
+    rows, cols = matrix_shape(shape, _view(hp))
+    return resolve_ns_method(hp.get("ns_method", "standard"), rows, cols, hp["ns_steps"], dtype)
+
+
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -148,6 +165,7 @@ class MuonRule(MatrixRule):
                 f"(Invalid adjust_lr_fn: {hp['adjust_lr_fn']!r}; expected one of {ADJUST_LR_FNS})"
             )
         resolve_ns_dtype(hp["ns_dtype"])
+        check_ns_method(hp.get("ns_method", "standard"))
         if hp.get("matrix_view") not in (None, *MATRIX_VIEWS):
             raise ValueError(f"Invalid matrix_view: {hp['matrix_view']!r} (expected one of {MATRIX_VIEWS}, "
                              "or no key for the shape rule)")
@@ -196,13 +214,15 @@ class MuonRule(MatrixRule):
         shape, view = tuple(directions[0].shape), _view(hp)
         count = len(directions) * matrix_count(shape, view)
         with record_function(newton_schulz_range(count, *matrix_shape(shape, view))):
+            method = _method(hp, shape, dtype)
             if len(directions) == 1:
                 outputs = [orthogonalize(as_matrices(directions[0], view), coefficients, hp["ns_steps"],
-                                         eps=hp["eps"], dtype=dtype)]
+                                         eps=hp["eps"], dtype=dtype, method=method)]
             else:
                 stack = torch.cat([as_matrices(d, view).reshape(-1, *matrix_shape(shape, view))
                                    for d in directions])
-                ortho = orthogonalize(stack, coefficients, hp["ns_steps"], eps=hp["eps"], dtype=dtype)
+                ortho = orthogonalize(stack, coefficients, hp["ns_steps"], eps=hp["eps"], dtype=dtype,
+                                      method=method)
                 outputs = list(ortho.split(stack.shape[0] // len(directions)))
         return outputs
 
@@ -211,7 +231,9 @@ class MuonRule(MatrixRule):
         :func:`newton_schulz_flops`), summed over the matrices of a 3-D stack
         (``matrix_view``)."""
         view = _view(hp)
-        return matrix_count(shape, view) * newton_schulz_flops(*matrix_shape(shape, view), hp["ns_steps"])
+        dtype = resolve_ns_dtype(hp["ns_dtype"])
+        return matrix_count(shape, view) * newton_schulz_flops(
+            *matrix_shape(shape, view), hp["ns_steps"], _method(hp, shape, dtype), dtype)
 
     def workspace_bytes(self, shapes: Sequence[tuple[int, ...]], hp: Mapping[str, Any],
                         master_dtype: torch.dtype) -> int:
@@ -231,7 +253,10 @@ class MuonRule(MatrixRule):
           Newton-Schulz;
         * Newton-Schulz (:func:`orthogonalize`), at its peak inside the last
           ``addmm`` of a step: the current and the next X (``rows x cols``), the
-          Gram matrix and the polynomial (``m x m``), ``k (2 rows cols + 2 m^2) s``;
+          Gram matrix and the polynomial (``m x m``), ``k (2 rows cols + 2 m^2) s``
+          (the Gram iteration, ``ns_method``: ``k s`` times
+          :func:`~shardopt.rules.newton_schulz.gram_workspace_numel`, and no
+          transposed copy);
           a 3-D input (``n > 1`` or a parameter read as a stack, ``matrix_view``)
           also keeps its norms, ``k s``.
           The first step of a tall 2-D input of at least 60 x 60 elements adds
@@ -272,10 +297,14 @@ class MuonRule(MatrixRule):
             directions = numel * w if hp["nesterov"] else 0
             stacked = len(batch) > 1 or (len(shape) == 3 and resolve_matrix_view(view, shape) == "stack")
             stack = numel * w if len(batch) > 1 else 0
-            newton_schulz = count * (2 * rows * cols + 2 * min(rows, cols) ** 2) * s
+            gram = _method(hp, shape, ns_dtype) == "gram"
+            if gram:
+                newton_schulz = count * gram_workspace_numel(rows, cols, hp["ns_steps"], ns_dtype) * s
+            else:
+                newton_schulz = count * (2 * rows * cols + 2 * min(rows, cols) ** 2) * s
             if stacked:
                 newton_schulz += count * s
-            elif rows > cols and rows * cols >= TRANSPOSE_BLOCK_NUMEL:
+            elif not gram and rows > cols and rows * cols >= TRANSPOSE_BLOCK_NUMEL:
                 newton_schulz += TRANSPOSE_BLOCK_NUMEL * s
             p = per_param * rows * cols
             finish = (p * c if promoted != ns_dtype else 0) + (2 * p * c if promoted != master_dtype else 0)

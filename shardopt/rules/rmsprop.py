@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import STEP, StateSpec, UpdateRule, increment_steps
+from .base import STEP, StateSpec, UpdateRule
 from .checks import check_bool, check_impl_flags, check_nonneg, check_unit_interval
 from .scalars import as_scalar, host_floats
 
@@ -72,7 +72,9 @@ class RMSpropRule(UpdateRule):
         # torch passes -lr as a Python scalar: a Tensor lr converts exactly, one read per step.
         (lr,) = host_floats([as_scalar(hp["lr"])])
         alpha, momentum = hp["alpha"], hp["momentum"]
-        increment_steps(states)
+        # RMSprop never reads step (torch keeps it for checkpoints): advance it without
+        # the host read increment_steps does.
+        torch._foreach_add_([state["step"] for state in states], 1.0)
         square_avgs = [state["square_avg"] for state in states]
         if hp["maximize"]:
             grads = torch._foreach_neg(grads)

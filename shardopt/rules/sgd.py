@@ -13,6 +13,10 @@ The chapter's Nesterov form evaluates the gradient at the look-ahead point
 :math:`\\theta_t - \\eta\\mu v_t`; the form above is the standard
 reformulation that needs only the current gradient (Bengio et al. 2012,
 "Advances in optimizing recurrent networks", eq. 7), as torch.optim.SGD does.
+
+With ``fused=True`` in a group the update is torch's one-pass kernel
+(``torch._fused_sgd_``, :mod:`.fused`), bitwise equal to torch.optim.SGD with
+``fused=True``.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from torch import Tensor
 
 from .base import STEP, StateSpec, UpdateRule
 from .checks import IMPL_FLAGS, check_bool, check_impl_flags, check_nonneg
+from .fused import amp_tensors, by_device_and_dtype, kernel_lr, undo_skipped_steps
 from .scalars import as_scalar, host_floats, step_values
 
 
 class SGDRule(UpdateRule):
     name = "sgd"
+    fused_kernel = True
     defaults = {
         "lr": 1e-3,
         "momentum": 0.0,
@@ -79,6 +85,9 @@ class SGDRule(UpdateRule):
     ) -> None:
         if not params:
             return
+        if hp.get("fused"):
+            self.fused_update(params, grads, states, hp)
+            return
         momentum, dampening = hp["momentum"], hp["dampening"]
         # torch passes -lr and weight_decay as Python scalars: a Tensor's value is
         # converted exactly (float32 -> float64), one read per step.
@@ -108,3 +117,36 @@ class SGDRule(UpdateRule):
             else:
                 grads = bufs
         torch._foreach_add_(params, grads, alpha=-lr)
+
+    def fused_update(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                     hp: Mapping[str, Any]) -> None:
+        """torch.optim.SGD's ``_fused_sgd``.
+
+        torch marks the first step by absent buffers and the kernel then copies the
+        gradient into them. Without dampening the zero-initialised buffer gives the
+        same ``b_1 = mu * 0 + 1 * g_1 = g_1`` on the kernel's later-step branch, so no
+        step count is needed; with dampening the hidden ``step`` state splits the
+        parameters into first-step and later ones (one host read per group and step).
+        """
+        momentum, dampening = hp["momentum"], hp["dampening"]
+        # The kernel takes weight_decay as a float; torch converts a 0-d Tensor the same way.
+        (weight_decay,) = host_floats([as_scalar(hp["weight_decay"])])
+        fresh = [False] * len(params)
+        if momentum != 0 and dampening != 0:
+            fresh = [step == 0 for step in step_values([state["step"] for state in states])]
+        bufs = [state["momentum_buffer"] for state in states] if momentum != 0 else [None] * len(params)
+        steps = [state["step"] for state in states] if momentum != 0 and dampening != 0 else [None] * len(params)
+        for first in (True, False):
+            chosen = [i for i, is_fresh in enumerate(fresh) if is_fresh == first]
+            if not chosen:
+                continue
+            columns = [[column[i] for i in chosen] for column in (params, grads, bufs, steps)]
+            for device, (p, g, b, s) in by_device_and_dtype(columns):
+                grad_scale, found_inf = amp_tensors(hp, device)
+                torch._fused_sgd_(p, g, b if momentum != 0 else [], weight_decay=weight_decay,
+                                  momentum=momentum, lr=kernel_lr(hp["lr"], device), dampening=dampening,
+                                  nesterov=hp["nesterov"], maximize=hp["maximize"], is_first_step=first,
+                                  grad_scale=grad_scale, found_inf=found_inf)
+                if s[0] is not None:
+                    torch._foreach_add_(s, 1.0)
+                    undo_skipped_steps(s, found_inf)
