@@ -39,10 +39,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import math
 import os
 import re
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -243,8 +245,11 @@ def _rendezvous_store(found: LaunchEnv, addr: str, port: int, timeout: datetime.
     # Under torchrun's c10d rendezvous the agent already serves the store at MASTER_ADDR/PORT.
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(addr, port, None, found.rank == 0 and not agent, timeout, wait_for_workers=False)
-    # An elastic restart reuses the agent's store: keep each attempt's keys apart.
-    _check_world_size(store, found, f"shardopt/world_size/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+    # An elastic restart reuses the agent's store: each attempt gets its own key space, as
+    # torch's env:// handler does (``/worker/attempt_N``). Without it, a restarted worker
+    # reads gloo's peer addresses of the dead attempt and times out connecting to them.
+    store = dist.PrefixStore(f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    _check_world_size(store, found, "shardopt/world_size")
     return store
 
 
@@ -287,7 +292,21 @@ def init_from_env(backend: str | None = None, *, timeout_s: float | None = None)
     return found
 
 
+# shardopt's caches that hold a process group (through device meshes or plans): released
+# before the group is destroyed at exit.
+_GROUP_CACHES = (("shardopt.checkpoint.state_dict", "_MESHES"), ("shardopt.dtensor.exchange", "_PLANS"))
+
+
 def _destroy_if_initialized() -> None:
+    # A reference that outlives destroy_process_group keeps gloo's process group alive
+    # into interpreter teardown, where its threads die unjoined ("terminate called
+    # without an active exception", SIGABRT: torchrun counts a failure after the job's
+    # work is done). Drop shardopt's own references first.
+    for module_name, attribute in _GROUP_CACHES:
+        module = sys.modules.get(module_name)
+        if module is not None:
+            getattr(module, attribute).clear()
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 

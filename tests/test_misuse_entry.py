@@ -148,7 +148,11 @@ def test_bare_count_extrapolation_equals_the_exact_plan(monkeypatch):
                 exact = report.estimate(2 * 39_700, **options)
                 assert extrapolated.ranks == exact.ranks, (stage, dp, precision)
                 assert extrapolated.rank == exact.rank
-                assert extrapolated.num_buckets == exact.num_buckets == 40
+                if stage == 3:  # FSDP2: no buckets; one fully_shard group per tensor, and the root
+                    assert extrapolated.num_buckets == exact.num_buckets == 0
+                    assert extrapolated.fsdp_groups == exact.fsdp_groups == 41
+                else:
+                    assert extrapolated.num_buckets == exact.num_buckets == 40
 
 
 def test_header_states_the_largest_bucket_not_a_false_bound(capsys):
