@@ -1,7 +1,7 @@
 """Distributed Muon on FSDP2 DTensor parameters (``shardopt.dtensor.muon``).
 
 ``shardopt.Muon(shardopt.muon_param_groups(model), lr=...)`` on a ``fully_shard``-ed
-model at 2 ranks, 12 steps, with its AdamW group, must equal the single-process
+model at 2 ranks, 20 steps, with its AdamW group, must equal the single-process
 optimizer on the full batch; inside ``step()`` the only collectives are the Muon
 group's two ``all_to_all_single``; every matrix is orthogonalized once per step in
 the whole job; the same run twice is bitwise identical. The model's matrices are
@@ -19,13 +19,13 @@ from dist_harness import run_ranks
 
 WORLD = 2
 # fp32 Newton-Schulz: the sharded gradient is a sum over ranks where the oracle's is
-# one sum over the batch, so the two differ in the last bits; measured <= 3.5e-7
-# after 12 steps (parameters are O(1)).
+# one sum over the batch, so the two differ in the last bits; measured <= 7.3e-7
+# after 20 steps (parameters are O(1)).
 FP32_TOL = 1e-5
 # bf16 Newton-Schulz (the default): a last-bit difference of the fp32 direction can
 # flip one bf16 rounding of Newton-Schulz's input or output, changing an element of
-# an update by about 2^-8 of it, i.e. lr * scale * 2^-8 ~ 1e-4 per step; 12 steps of
-# that bound 1.2e-3. Measured 0.0 (bitwise equal) on this model.
+# an update by about 2^-8 of it, i.e. lr * scale * 2^-8 ~ 1e-4 per step; 20 steps of
+# that bound 2e-3. Measured 3e-8 (the AdamW group's last bits; Muon's bitwise equal).
 BF16_TOL = 2e-3
 MUON_MATRICES = 4  # fc1, fc2, fc3, gate (head, biases and the norm go to AdamW)
 
@@ -161,11 +161,13 @@ def test_fsdp_tp_equals_the_single_process_optimizer(ns_dtype):
         else:
             # Under TP the forward itself sums in another order, so the fp32 directions
             # differ in the last bits and bf16 Newton-Schulz rounds some elements the
-            # other way, and the runs drift apart from there (measured up to 4.0e-3 on
-            # fc2). The bound: no farther from the bf16 oracle than bf16 Newton-Schulz
-            # itself moves the fp32 oracle (measured 0.42 of it at worst), plus 1e-5.
+            # other way; the runs then drift apart as any two bf16 runs do (measured up to
+            # 4.9e-3 after 20 steps). The bound: at most twice as far from the bf16 oracle
+            # as bf16 Newton-Schulz itself moves the fp32 oracle (measured 1.0x at worst,
+            # 0.42x after 12 steps), plus 1e-5. The fp32 case above is the sharp check.
             effect = out["bf16_effect"]
-            bad = {name: (d, effect[name]) for name, d in run["diffs"].items() if not d <= effect[name] + 1e-5}
+            bad = {name: (d, effect[name]) for name, d in run["diffs"].items()
+                   if not d <= 2 * effect[name] + 1e-5}
         assert not bad, (rank, bad)
         _expect_only_the_exchange(run, planned=ns_dtype == "float32")
     assert {"_StridedShard(dim=0, sf=2)", "Shard(dim=0)", "Shard(dim=1)"} <= placements
