@@ -90,13 +90,22 @@ def exchange_rounds(numels: Sequence[int], world_size: int, bucket_numel: int) -
     return rounds
 
 
+def _root_mesh(mesh) -> Any:
+    # torch 2.13 has DeviceMesh._get_root_mesh(); older releases keep it in _mesh_resources.
+    if hasattr(mesh, "_get_root_mesh"):
+        return mesh._get_root_mesh()
+    from torch.distributed.device_mesh import _mesh_resources
+
+    return _mesh_resources.get_root_mesh(mesh)
+
+
 def exchange_layout(mesh, placements: Sequence) -> tuple[Any, tuple]:
     """The mesh a matrix is exchanged on and its placements there: the root mesh, with
     ``Replicate`` on the dimensions a sub-mesh leaves out, when the sub-mesh's dimension
     names are root dimensions in the root's order; otherwise ``mesh`` itself."""
     from torch.distributed.tensor import Replicate
 
-    root = mesh._get_root_mesh()
+    root = _root_mesh(mesh)
     if root is mesh or root.mesh_dim_names is None or mesh.mesh_dim_names is None:
         return mesh, tuple(placements)
     names, root_names = mesh.mesh_dim_names, root.mesh_dim_names
