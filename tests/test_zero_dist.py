@@ -16,8 +16,8 @@ TOL = 1e-6
 PROGRAMS = {
     1: ["equivalence", "muon"],
     2: ["equivalence", "features", "precision", "memory_and_comm", "checkpoints", "muon", "ddp_detect",
-        "determinism"],
-    3: ["equivalence", "features", "memory_and_comm", "checkpoints", "muon", "determinism"],
+        "determinism", "fused"],
+    3: ["equivalence", "features", "memory_and_comm", "checkpoints", "muon", "determinism", "fused"],
     4: ["equivalence", "memory_and_comm", "muon", "startup", "determinism"],
 }
 
@@ -95,6 +95,16 @@ def test_bf16_params_with_fp32_master_track_fp32():
         assert out["bf16_params/reduce_float32"] <= 3e-2
         assert out["bf16_params/reduce_bfloat16"] <= 3e-2
         assert out["master_bytes/reduce_float32"] > 0
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_fused_kernels_on_the_areas_equal_torch_fused(world_size):
+    # The same kernels; the sharded gradient is a mean of rank slices and a parameter
+    # cut by an area boundary meets the kernels' scalar tail elsewhere: last bits.
+    for out in per_rank(world_size, "fused"):
+        bad = {case: diff for case, diff in out.items() if not diff <= TOL}
+        assert not bad, bad
+        assert set(out) == {f"{n}/stage{s}" for n in ("adamw", "sgd_momentum") for s in (1, 2)}
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])

@@ -302,6 +302,31 @@ def precision(rank: int, world: int) -> dict[str, float]:
     return out
 
 
+def fused(rank: int, world: int) -> dict[str, float]:
+    """``fused=True``: torch's fused kernels on each rank's area against torch's fused
+    optimizer on the whole batch in one process (10 steps, stages 1 and 2)."""
+    out: dict[str, float] = {}
+    cases = (("adamw", shardopt.AdamW, torch.optim.AdamW, HP),
+             ("sgd_momentum", shardopt.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=0.01)))
+    for name, ours, reference, hp in cases:
+        for stage in (1, 2):
+            torch.manual_seed(0)
+            model = TinyLM()
+            ref = copy.deepcopy(model)
+            opt = shardopt.ZeroOptimizer(model.parameters(), ours, stage=stage, bucket_numel=300, fused=True, **hp)
+            ref_opt = reference(ref.parameters(), fused=True, **hp)
+            for step in range(10):
+                tokens = batch(step)
+                lm_loss(model, local(tokens, rank, world)).backward()
+                opt.step()
+                opt.zero_grad()
+                lm_loss(ref, tokens).backward()
+                ref_opt.step()
+                ref_opt.zero_grad()
+            out[f"{name}/stage{stage}"] = max_diff(model, ref)
+    return out
+
+
 def memory_and_comm(rank: int, world: int) -> dict[str, object]:
     torch.manual_seed(0)
     model = TinyLM()
