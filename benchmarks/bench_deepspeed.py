@@ -51,12 +51,14 @@ from harness import Run
 
 DESCRIPTIONS = {
     "plugin-muon": "shardopt.integrations.deepspeed.initialize, 'shardopt': Muon stage 2; DeepSpeed ZeRO-0",
+    "plugin-muon-auto": "the same with ns_method='auto' (Gram Newton-Schulz where it needs fewer multiply-adds, "
+                        "as DeepSpeed's fp32 Muon runs Gram)",
     "shardopt-muon": "shardopt.ZeroOptimizer(muon_param_groups, shardopt.Muon, stage=2) alone, no DeepSpeed",
     "ds-muon-z1": bench_muon.DESCRIPTIONS["ds-muon-z1"],
     "ds-muon-z2": bench_muon.DESCRIPTIONS["ds-muon-z2"],
 }
 SYSTEMS = tuple(DESCRIPTIONS)
-DEEPSPEED_SYSTEMS = ("plugin-muon", "ds-muon-z1", "ds-muon-z2")
+DEEPSPEED_SYSTEMS = ("plugin-muon", "plugin-muon-auto", "ds-muon-z1", "ds-muon-z2")
 SAME_MATH = ("shardopt-muon", "plugin-muon")
 
 
@@ -71,10 +73,10 @@ def quiet_deepspeed() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def build_plugin(model: torch.nn.Module, batch: int, ns_dtype: str) -> harness.Built:
+def build_plugin(model: torch.nn.Module, batch: int, ns_dtype: str, ns_method: str = "standard") -> harness.Built:
     from shardopt.integrations import deepspeed as plugin
 
-    kwargs = dict(bench_muon.MUON_KWARGS, ns_dtype=ns_dtype)
+    kwargs = dict(bench_muon.MUON_KWARGS, ns_dtype=ns_dtype, ns_method=ns_method)
     kwargs["adamw_betas"] = list(kwargs["adamw_betas"])
     config = {
         "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 0,
@@ -97,6 +99,8 @@ def build(system: str, model: torch.nn.Module, cfg: bench_muon.Config) -> harnes
         quiet_deepspeed()
     if system == "plugin-muon":
         return build_plugin(model, cfg.batch, cfg.ns_dtype)
+    if system == "plugin-muon-auto":
+        return build_plugin(model, cfg.batch, cfg.ns_dtype, ns_method="auto")
     if system == "shardopt-muon":
         return bench_muon.build_shardopt_muon(model, stage=2, ns_dtype=cfg.ns_dtype)
     if system in ("ds-muon-z1", "ds-muon-z2"):
