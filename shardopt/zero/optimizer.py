@@ -316,19 +316,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
         with record_function("shardopt.reduce_wait"):
             self.reducer.finish()
         grads = self._grad_regions()
-        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for grad in grads:
-            if grad.numel():
-                stats[0] += torch.linalg.vector_norm(grad, dtype=torch.float32).double() ** 2
-        finite = bool(torch.isfinite(stats[0]))  # the step's one host synchronisation before the all-reduce
-        if not finite:
-            # fp32 squares overflow above ~1.8e19: tell large finite gradients from
-            # non-finite ones in float64 (this branch is the rare one).
-            stats[0] = sum(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads if g.numel())
-            finite = bool(torch.isfinite(stats[0]))
-        stats[1] = float(not finite)
-        self.comm.all_reduce_sum(stats)
-        sum_sq, num_nonfinite = stats.tolist()
+        with record_function("shardopt.grad_norm"):  # local norms, the finite check, one small all-reduce
+            stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+            for grad in grads:
+                if grad.numel():
+                    stats[0] += torch.linalg.vector_norm(grad, dtype=torch.float32).double() ** 2
+            finite = bool(torch.isfinite(stats[0]))  # the step's one host synchronisation before the all-reduce
+            if not finite:
+                # fp32 squares overflow above ~1.8e19: tell large finite gradients from
+                # non-finite ones in float64 (this branch is the rare one).
+                stats[0] = sum(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads if g.numel())
+                finite = bool(torch.isfinite(stats[0]))
+            stats[1] = float(not finite)
+            self.comm.all_reduce_sum(stats)
+            sum_sq, num_nonfinite = stats.tolist()
         self.last_grad_norm = math.sqrt(sum_sq) if math.isfinite(sum_sq) else math.inf
         if num_nonfinite > 0:
             self.num_skipped_steps += 1
@@ -337,7 +338,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.max_grad_norm is not None:
             coef = self.max_grad_norm / (self.last_grad_norm + 1e-6)
             if coef < 1.0:
-                torch._foreach_mul_([g for g in grads if g.numel()], coef)
+                with record_function("shardopt.clip"):
+                    torch._foreach_mul_([g for g in grads if g.numel()], coef)
         with record_function("shardopt.update"):
             self._apply_rules(grads)
             for storage in self.storages:
