@@ -81,23 +81,13 @@ import options
 import profile_ranges
 import report
 import torch
+
+# bench_muon.py's hyperparameters, so the two benchmarks train the same runs.
+from bench_muon import ADAMW_KWARGS, ADAMW_LR, BETAS, EPS, MOMENTUM, MUON_KWARGS, MUON_LR, NS_STEPS, WEIGHT_DECAY
 from harness import Run
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import shardopt
-
-MUON_LR = 0.02
-MOMENTUM = 0.95
-NS_STEPS = 5
-ADAMW_LR = 3e-4
-BETAS = (0.9, 0.95)
-EPS = 1e-8
-WEIGHT_DECAY = 0.1
-MUON_KWARGS: dict[str, Any] = dict(
-    lr=MUON_LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY, ns_steps=NS_STEPS,
-    adamw_lr=ADAMW_LR, adamw_betas=BETAS, adamw_eps=EPS, adamw_weight_decay=WEIGHT_DECAY,
-)
-ADAMW_KWARGS: dict[str, Any] = dict(lr=ADAMW_LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
 
 DESCRIPTIONS = {
     "fsdp2-shardopt-muon": "fully_shard + shardopt.Muon(muon_param_groups) on the DTensor shards",

@@ -294,7 +294,8 @@ def init_from_env(backend: str | None = None, *, timeout_s: float | None = None)
 
 # shardopt's caches that hold a process group (through device meshes or plans): released
 # before the group is destroyed at exit.
-_GROUP_CACHES = (("shardopt.checkpoint.state_dict", "_MESHES"), ("shardopt.dtensor.exchange", "_PLANS"))
+_GROUP_CACHES = (("shardopt.checkpoint.state_dict", "_MESHES"), ("shardopt.dtensor.exchange", "_PLANS"),
+                 ("shardopt.dtensor.exchange", "_LAYOUTS"))
 
 
 def _destroy_if_initialized() -> None:

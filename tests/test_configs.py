@@ -4,13 +4,11 @@ steps in this process (one rank); the recipes say what they promise."""
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
-from unittest import mock
 
+import example_env
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -33,16 +31,9 @@ def test_config_loads_and_trains_two_steps(path, tmp_path):
     assert config["optimizer"] in train_gpt.OPTIMIZERS
     assert config["schedule"] in train_gpt.schedules.SCHEDULES
     assert config["batch_size"] % 2 == 0, "the README runs 2 ranks"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SHARDOPT_BACKEND")
-           and not k.startswith(("OMPI_COMM_WORLD_", "PMI_", "SLURM_"))}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with mock.patch.dict(os.environ, env, clear=True):
-            plot = tmp_path / "loss.png"
-            result = train_gpt.main(["--config", str(path), "--steps", "2", "--plot", str(plot)])
-    finally:
-        torch.set_num_threads(threads)
+    with example_env.single_process():
+        plot = tmp_path / "loss.png"
+        result = train_gpt.main(["--config", str(path), "--steps", "2", "--plot", str(plot)])
     assert len(result["history"]) == 2
     assert all(math.isfinite(loss) for _, loss in result["history"])
     assert plot.stat().st_size > 0

@@ -4,11 +4,10 @@ trains a few steps on tiny settings and writes its loss plot."""
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
-from unittest import mock
 
+import example_env
 import pytest
 import torch
 
@@ -23,17 +22,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture
 def single_process():
-    """No launcher variables (the example must not try to join a job) and one thread."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SHARDOPT_BACKEND")
-           and not k.startswith(("OMPI_COMM_WORLD_", "PMI_", "SLURM_"))}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with mock.patch.dict(os.environ, env, clear=True):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+    with example_env.single_process():
+        yield
 
 
 @pytest.mark.parametrize("optimizer", sorted(train_gpt.OPTIMIZERS))

@@ -17,8 +17,8 @@ import math
 import os
 import sys
 from pathlib import Path
-from unittest import mock
 
+import example_env
 import pytest
 import torch
 from dist_harness import run_ranks
@@ -80,15 +80,8 @@ def zero(tmp_path_factory) -> dict[str, dict]:
     """ZeRO-2 (the example's default path) in this process, with bf16 and fp32 Newton-Schulz."""
     tmp = tmp_path_factory.mktemp("example_zero")
     _write_configs(tmp)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SHARDOPT_BACKEND")
-           and not k.startswith(("OMPI_COMM_WORLD_", "PMI_", "SLURM_"))}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with mock.patch.dict(os.environ, env, clear=True):
-            return {ns: train_gpt.main(_config(tmp, ns)) for ns in ("bfloat16", "float32")}
-    finally:
-        torch.set_num_threads(threads)
+    with example_env.single_process():
+        return {ns: train_gpt.main(_config(tmp, ns)) for ns in ("bfloat16", "float32")}
 
 
 def _worst(history: list, reference: list) -> float:

@@ -290,7 +290,7 @@ def test_muon_workspace_is_the_largest_batch_with_what_the_loop_still_holds():
     # The terms of MuonRule.workspace_bytes' docstring, spelled out; tests/test_matrix_workspace.py
     # measures the same numbers. bf16 Newton-Schulz: one matrix per batch. Per matrix: its fp32
     # Nesterov update + 2 X + 2 m^2 in bf16, + the previous batch's bf16 output (MatrixStep's
-    # `updates`); a 3-D stack also keeps its norms. finish: the fp32 update, the bf16 output and
+    # `updates`); a 3-D stack's norms are freed before the loop. finish: the fp32 update, the bf16 output and
     # the fp32 copy torch's CPU add_ makes of it.
     rule = MuonRule()
     shapes = [(64, 32), (16, 16), (2, 8, 4)]
@@ -303,14 +303,14 @@ def test_muon_workspace_is_the_largest_batch_with_what_the_loop_still_holds():
         return count * rows * cols * (4 + 2 + 4)
 
     assert rule.workspace_bytes(shapes, hp, torch.float32) == max(
-        single(64, 32), finish(64, 32), 64 * 32 * 2 + single(16, 16), 16 * 16 * 2 + single(8, 4, 2) + 2 * 2)
+        single(64, 32), finish(64, 32), 64 * 32 * 2 + single(16, 16), 16 * 16 * 2 + single(8, 4, 2))
     assert rule.workspace_bytes(shapes, {**hp, "nesterov": False}, torch.float32) == 64 * 32 * 2 * 2 + 2 * 32 * 32 * 2
     # fp32: same shapes form one batch: the directions (held by MatrixStep) and the
-    # torch.cat stack are alive through Newton-Schulz, with the stack's norms.
+    # torch.cat stack are alive through Newton-Schulz (the stack's norms are not).
     x, gram = 64 * 32, 32 * 32
     fp32 = {**hp, "ns_dtype": "float32"}
     assert rule.workspace_bytes([(64, 32)] * 3, fp32, torch.float32) == (
-        3 * x * 4 * 2 + 3 * (2 * x + 2 * gram) * 4 + 3 * 4)
+        3 * x * 4 * 2 + 3 * (2 * x + 2 * gram) * 4)
     # A tall 2-D matrix of at least 60 x 60: the first addmm copies the transposed X
     # through torch's 60 x 60 block buffer.
     x, gram = 100 * 70, 70 * 70

@@ -92,6 +92,21 @@ def cases_for(world: int) -> list[tuple]:
     return list(CASES) if world <= 2 else CASES[world % 2 :: 2]
 
 
+def _lockstep(model: nn.Module, opt: torch.optim.Optimizer, ref: nn.Module, ref_opt: torch.optim.Optimizer,
+              steps: int, rank: int, world: int, oracle: bool = True) -> None:
+    """``steps`` steps of the sharded ``model`` on this rank's slice and, when ``oracle``,
+    of the unsharded ``ref`` on the whole batch."""
+    for step in range(steps):
+        tokens = batch(step)
+        lm_loss(model, local(tokens, rank, world)).backward()
+        opt.step()
+        opt.zero_grad()
+        if oracle:
+            lm_loss(ref, tokens).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+
+
 def equivalence(rank: int, world: int, steps: int = 20) -> dict[str, float]:
     """Every elementwise rule at stages 1 and 2 against the unsharded optimizer.
 
@@ -106,15 +121,7 @@ def equivalence(rank: int, world: int, steps: int = 20) -> dict[str, float]:
             ref = copy.deepcopy(model)
             opt = shardopt.ZeroOptimizer(model.parameters(), ours, stage=stage, bucket_numel=300, **hp)
             ref_opt = reference(ref.parameters(), **hp)
-            for step in range(steps):
-                tokens = batch(step)
-                lm_loss(model, local(tokens, rank, world)).backward()
-                opt.step()
-                opt.zero_grad()
-                if rank == 0:
-                    lm_loss(ref, tokens).backward()
-                    ref_opt.step()
-                    ref_opt.zero_grad()
+            _lockstep(model, opt, ref, ref_opt, steps, rank, world, oracle=rank == 0)
             if rank == 0:
                 out[f"{name}/stage{stage}"] = max_diff(model, ref)
             out[f"{name}/stage{stage}/digest"] = digest(model)
@@ -287,14 +294,7 @@ def precision(rank: int, world: int) -> dict[str, float]:
             precision=shardopt.PrecisionPolicy(reduce_dtype=reduce_dtype), **HP,
         )
         ref_opt = torch.optim.AdamW(ref.parameters(), **HP)
-        for step in range(20):
-            tokens = batch(step)
-            lm_loss(model, local(tokens, rank, world)).backward()
-            opt.step()
-            opt.zero_grad()
-            lm_loss(ref, tokens).backward()
-            ref_opt.step()
-            ref_opt.zero_grad()
+        _lockstep(model, opt, ref, ref_opt, 20, rank, world)
         name = str(reduce_dtype).removeprefix("torch.")
         out[f"bf16_params/reduce_{name}"] = max_diff(model, ref)
         # The fp32 master copy is the oracle's parameter up to the bf16 gradients.
@@ -315,14 +315,7 @@ def fused(rank: int, world: int) -> dict[str, float]:
             ref = copy.deepcopy(model)
             opt = shardopt.ZeroOptimizer(model.parameters(), ours, stage=stage, bucket_numel=300, fused=True, **hp)
             ref_opt = reference(ref.parameters(), fused=True, **hp)
-            for step in range(10):
-                tokens = batch(step)
-                lm_loss(model, local(tokens, rank, world)).backward()
-                opt.step()
-                opt.zero_grad()
-                lm_loss(ref, tokens).backward()
-                ref_opt.step()
-                ref_opt.zero_grad()
+            _lockstep(model, opt, ref, ref_opt, 10, rank, world)
             out[f"{name}/stage{stage}"] = max_diff(model, ref)
     return out
 

@@ -99,10 +99,23 @@ def _root_mesh(mesh) -> Any:
     return _mesh_resources.get_root_mesh(mesh)
 
 
+_LAYOUTS: dict[tuple, tuple[Any, tuple]] = {}
+
+
 def exchange_layout(mesh, placements: Sequence) -> tuple[Any, tuple]:
     """The mesh a matrix is exchanged on and its placements there: the root mesh, with
     ``Replicate`` on the dimensions a sub-mesh leaves out, when the sub-mesh's dimension
-    names are root dimensions in the root's order; otherwise ``mesh`` itself."""
+    names are root dimensions in the root's order; otherwise ``mesh`` itself. Cached:
+    it is asked for every matrix at every step."""
+    key = (mesh, tuple(placements))
+    if key not in _LAYOUTS:
+        if len(_LAYOUTS) > 256:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = _exchange_layout(mesh, key[1])
+    return _LAYOUTS[key]
+
+
+def _exchange_layout(mesh, placements: tuple) -> tuple[Any, tuple]:
     from torch.distributed.tensor import Replicate
 
     root = _root_mesh(mesh)

@@ -257,8 +257,8 @@ class MuonRule(MatrixRule):
           (the Gram iteration, ``ns_method``: ``k s`` times
           :func:`~shardopt.rules.newton_schulz.gram_workspace_numel`, and no
           transposed copy);
-          a 3-D input (``n > 1`` or a parameter read as a stack, ``matrix_view``)
-          also keeps its norms, ``k s``.
+          (a 3-D input's norms, ``k s``, are freed before the loop, with the cast
+          and the normalisation).
           The first step of a tall 2-D input of at least 60 x 60 elements adds
           ``3600 s``: ``addmm`` copies the transposed X into its result through
           torch's 60 x 60 block buffer (:data:`TRANSPOSE_BLOCK_NUMEL`). The input
@@ -302,9 +302,7 @@ class MuonRule(MatrixRule):
                 newton_schulz = count * gram_workspace_numel(rows, cols, hp["ns_steps"], ns_dtype) * s
             else:
                 newton_schulz = count * (2 * rows * cols + 2 * min(rows, cols) ** 2) * s
-            if stacked:
-                newton_schulz += count * s
-            elif not gram and rows > cols and rows * cols >= TRANSPOSE_BLOCK_NUMEL:
+            if not stacked and not gram and rows > cols and rows * cols >= TRANSPOSE_BLOCK_NUMEL:
                 newton_schulz += TRANSPOSE_BLOCK_NUMEL * s
             p = per_param * rows * cols
             finish = (p * c if promoted != ns_dtype else 0) + (2 * p * c if promoted != master_dtype else 0)

@@ -169,6 +169,20 @@ def resolve_ns_method(method: object, rows: int, cols: int, ns_steps: int,
     return "gram" if gram < newton_schulz_flops(rows, cols, ns_steps) else "standard"
 
 
+def _normalized(matrices: Tensor, coefficients: CoefficientSet, eps: float,
+                dtype: torch.dtype) -> tuple[Tensor, bool]:
+    """Both iterations' start: in ``dtype``, wide (transposed when tall; returned as
+    ``tall``), each matrix divided by its Frobenius norm times the set's ``norm_scale``."""
+    x = matrices.to(dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    if x.ndim == 2:
+        return x / (x.norm() * coefficients.norm_scale).clamp(min=eps), tall
+    norms = torch.linalg.matrix_norm(x, keepdim=True)
+    return x / (norms * coefficients.norm_scale).clamp(min=eps), tall
+
+
 def orthogonalize(
     matrices: Tensor,
     coefficients: CoefficientSet,
@@ -189,19 +203,13 @@ def orthogonalize(
         raise ValueError(f"orthogonalize expects a matrix or a stack of matrices, got {matrices.ndim}-D")
     if resolve_ns_method(method, matrices.size(-2), matrices.size(-1), ns_steps, dtype) == "gram":
         return gram_orthogonalize(matrices, coefficients, ns_steps, eps=eps, dtype=dtype)
-    x = matrices.to(dtype)
-    tall = x.size(-2) > x.size(-1)
-    if tall:
-        x = x.mT
+    x, tall = _normalized(matrices, coefficients, eps, dtype)
     if x.ndim == 2:
-        x = x / (x.norm() * coefficients.norm_scale).clamp(min=eps)
         for a, b, c in coefficients.for_steps(ns_steps):
             gram = x @ x.T
             poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
             x = torch.addmm(x, poly, x, beta=a)
     else:
-        norms = torch.linalg.matrix_norm(x, keepdim=True)
-        x = x / (norms * coefficients.norm_scale).clamp(min=eps)
         for a, b, c in coefficients.for_steps(ns_steps):
             gram = x @ x.mT
             poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
@@ -230,15 +238,7 @@ def gram_orthogonalize(
     Tensors are released as soon as they are dead (``del``), so the peak is
     :func:`gram_workspace_numel`, which ``MuonRule.workspace_bytes`` counts.
     """
-    x = matrices.to(dtype)
-    tall = x.size(-2) > x.size(-1)
-    if tall:
-        x = x.mT
-    if x.ndim == 2:
-        x = x / (x.norm() * coefficients.norm_scale).clamp(min=eps)
-    else:
-        norms = torch.linalg.matrix_norm(x, keepdim=True)
-        x = x / (norms * coefficients.norm_scale).clamp(min=eps)
+    x, tall = _normalized(matrices, coefficients, eps, dtype)
     quintics = coefficients.for_steps(ns_steps)
     restarts = gram_restarts(ns_steps, dtype)
     gram = x @ x.mT
