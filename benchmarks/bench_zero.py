@@ -9,6 +9,8 @@ same AdamW hyperparameters (lr 3e-4, betas (0.9, 0.95), weight decay 0.1, eps
 ranks on 127.0.0.1. Systems:
 
 * ``shardopt-zero2``: ``shardopt.ZeroOptimizer(..., shardopt.AdamW, stage=2)``, no DDP
+* ``shardopt-zero2-overlap``: the same with ``overlap_gather=True`` (the parameter
+  all-gathers of a step are waited for by the next forward, layer by layer)
 * ``shardopt-zero1``: the same with ``stage=1``
 * ``ddp``: ``DistributedDataParallel`` + ``torch.optim.AdamW``
 * ``torch-zero``: ``DistributedDataParallel`` + ``torch.distributed.optim.ZeroRedundancyOptimizer(AdamW)``
@@ -38,8 +40,9 @@ the ``record_function`` ranges shardopt emits: ``shardopt.grad_copy`` (hook
 copies into the buckets, which also allocate a bucket's buffer on its first
 gradient), ``shardopt.reduce_launch`` (padding zeroed, reduction issued),
 ``shardopt.reduce_complete`` (waits for reductions), ``shardopt.reduce_wait``,
-``shardopt.update`` (the AdamW rule and any master write-back) and
-``shardopt.all_gather``; each part is the time in its range outside the others,
+``shardopt.update`` (the AdamW rule and any master write-back),
+``shardopt.all_gather`` and ``shardopt.gather_wait`` (the deferred waits of
+``overlap_gather``, in the forward); each part is the time in its range outside the others,
 per step, and what is left of backward (autograd compute) and of the optimizer
 step (grad norm, stats all-reduce, reset) is shown as such. Nothing in shardopt
 is wrapped. It also times gloo's collectives alone on a shardopt bucket and on a
@@ -86,6 +89,7 @@ REFERENCE = "shardopt-zero2"
 
 DESCRIPTIONS = {
     "shardopt-zero2": "shardopt.ZeroOptimizer(shardopt.AdamW, stage=2), no DDP",
+    "shardopt-zero2-overlap": "shardopt.ZeroOptimizer(shardopt.AdamW, stage=2, overlap_gather=True), no DDP",
     "shardopt-zero1": "shardopt.ZeroOptimizer(shardopt.AdamW, stage=1), no DDP",
     "ddp": "DDP + torch.optim.AdamW",
     "torch-zero": "DDP + torch ZeroRedundancyOptimizer(torch.optim.AdamW)",
@@ -98,7 +102,7 @@ DEEPSPEED_SYSTEMS = ("ds-zero1", "ds-zero2")
 # --profile: the shardopt ranges the breakdown reads; in step(), the first four are its wait for the reductions.
 WAITS = (profile_ranges.REDUCE_WAIT, profile_ranges.REDUCE_COMPLETE, profile_ranges.REDUCE_LAUNCH,
          profile_ranges.GRAD_COPY)
-RANGES = (*WAITS, profile_ranges.UPDATE, profile_ranges.ALL_GATHER)
+RANGES = (*WAITS, profile_ranges.UPDATE, profile_ranges.ALL_GATHER, profile_ranges.GATHER_WAIT)
 
 
 # ---------------------------------------------------------------------- systems
@@ -108,7 +112,9 @@ def build(system: str, model: torch.nn.Module, cfg: harness.Config) -> harness.B
     if system.startswith("shardopt-zero"):
         import shardopt
 
-        opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, stage=int(system[-1]), **ADAMW_KWARGS)
+        stage, _, variant = system.removeprefix("shardopt-zero").partition("-")
+        opt = shardopt.ZeroOptimizer(model.parameters(), shardopt.AdamW, stage=int(stage),
+                                     overlap_gather=variant == "overlap", **ADAMW_KWARGS)
         return harness.built_zero(model, opt, note="memory_report(): optimizer_states (exp_avg, exp_avg_sq, step) "
                                   "and master_params")
     if system in ("ddp", "torch-zero"):
@@ -163,6 +169,8 @@ def shardopt_breakdown(run: Run) -> dict[str, float] | None:
         backward, opt = step["backward"], step["step"]
         return {
             "forward": step["forward"][DURATION],
+            "forward: waits for parameter all-gathers (overlap_gather)": step["forward"].get(
+                profile_ranges.GATHER_WAIT, 0.0),
             "backward: autograd compute": backward[OTHER],
             "backward: hook grad copies (+ bucket buffer alloc)": backward.get(profile_ranges.GRAD_COPY, 0.0),
             "backward: reduction launches (pad zero + issue)": backward.get(profile_ranges.REDUCE_LAUNCH, 0.0),
@@ -170,7 +178,7 @@ def shardopt_breakdown(run: Run) -> dict[str, float] | None:
             "step: waits for reductions": sum(opt.get(name, 0.0) for name in WAITS),
             "step: grad norm + stats all-reduce + reset": opt[OTHER],
             "step: AdamW rule update": opt.get(profile_ranges.UPDATE, 0.0),
-            "step: all-gather (issue + wait)": opt.get(profile_ranges.ALL_GATHER, 0.0),
+            "step: all-gather (issue + wait; overlap_gather: issue)": opt.get(profile_ranges.ALL_GATHER, 0.0),
             "zero_grad": step["zero_grad"][DURATION],
         }
 

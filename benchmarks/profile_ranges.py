@@ -20,6 +20,7 @@ GRAD_NORM = "shardopt.grad_norm"  # the global gradient norm and finite check (o
 CLIP = "shardopt.clip"  # scaling the gradients when the clip acts
 UPDATE = "shardopt.update"  # the update rules plus master write-back
 ALL_GATHER = "shardopt.all_gather"  # parameter all-gathers
+GATHER_WAIT = "shardopt.gather_wait"  # overlap_gather: waiting for them before a module's forward
 MATRIX_TRANSFORM = "shardopt.matrix_transform"  # Newton-Schulz in ZeroOptimizer's Muon step
 MATRIX_EXCHANGE = "shardopt.matrix_exchange"  # the straddling matrices' all-to-alls
 

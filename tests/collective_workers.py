@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from shardopt.zero.comm import BufferOwnershipError, CollectiveMismatchError
+from shardopt.zero.comm import BufferOwnershipError, CollectiveMismatchError, Communicator
 from shardopt.zero.comm_gloo import communicator_for
 
 
@@ -66,6 +66,43 @@ def poison(rank: int, world: int) -> dict[str, bool]:
     plain.retire(kept)
     return {"fresh_nan": bool(fresh.isnan().all()), "retired_nan": bool(used.isnan().all()),
             "kept": bool((kept == 1).all())}
+
+
+class NativeOnGloo(Communicator):
+    """The native (NCCL) code path run on gloo, which has the flat all-gather it needs."""
+
+
+def native_chunked_all_gather(rank: int, world: int) -> dict[str, object]:
+    """The native chunked all-gather is asynchronous: its chunks are owned until the wait, which
+    copies them out of a pooled flat buffer reused by the next call."""
+    comm = NativeOnGloo(dist.group.WORLD, check=True, poison=True)
+    storage = torch.zeros(world * 10)
+    chunks = [storage[r * 10 + 2 : r * 10 + 7] for r in range(world)]  # non-adjacent
+    out = {}
+    for call in range(3):
+        chunks[rank].copy_(torch.arange(5.0) + 100 * rank + call)
+        work = comm.all_gather_chunks(chunks, chunks[rank], async_op=True)
+        if call == 0:
+            out["owned_while_in_flight"] = _raised(lambda: comm.all_reduce_avg(storage[12:14], async_op=True))
+        work.wait()
+        expected = torch.cat([torch.arange(5.0) + 100 * r + call for r in range(world)])
+        out[f"call{call}"] = bool(torch.equal(torch.cat(chunks), expected))
+        out[f"allocations{call}"] = comm.pool.num_allocations
+    out["gaps_untouched"] = bool((storage.view(world, 10)[:, :2] == 0).all())
+    # Five gathers launched before any wait stage at most GATHERS_IN_FLIGHT buffers.
+    buckets = [torch.zeros(world * 10) for _ in range(5)]
+    works = []
+    for index, flat in enumerate(buckets):
+        pieces = [flat[r * 10 + 1 : r * 10 + 6] for r in range(world)]
+        pieces[rank].fill_(10 * index + rank)
+        works.append(comm.all_gather_chunks(pieces, pieces[rank], async_op=True))
+    out["window_allocations"] = comm.pool.num_allocations - out["allocations2"]
+    for work in works:
+        work.wait()
+    out["window_ok"] = all(bool((flat.view(world, 10)[r, 1:6] == 10 * i + r).all())
+                           for i, flat in enumerate(buckets) for r in range(world))
+    out["lent"] = comm.pool.num_lent
+    return out
 
 
 def suite(rank: int, world: int, programs: list[str]) -> dict[str, object]:

@@ -1,8 +1,8 @@
 """Default settings at a size that needs several buckets: programs for test_defaults_at_scale.py.
 
 ``WideNet`` has about 9.7M parameters (six blocks of 8 x H and H x 8 matrices
-with H near 90K), so the default ``bucket_numel`` (2**23 elements) cuts the
-AdamW model into two storages and the Muon matrices into two all-gather
+with H near 90K), so the default ``bucket_numel`` (2**22 elements) cuts the
+AdamW model into several storages and the Muon matrices into several all-gather
 chunks per rank, and the odd sizes make an area boundary cut a matrix
 (a straddler). Thin matrices keep Newton-Schulz cheap in the default bf16 on
 a CPU (the Gram matrix is 8 x 8), so the default path runs at this size in

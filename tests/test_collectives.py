@@ -14,9 +14,10 @@ from dist_harness import run_ranks
 
 from shardopt.zero.comm import POISON_ENV, Communicator, flag_from_env
 from shardopt.zero.comm_gloo import GlooCommunicator, communicator_for
+from shardopt.zero.policy import GATHERS_IN_FLIGHT
 
 PROGRAMS = ["mismatched_exchange_dtype", "mismatched_exchange_counts", "mismatched_all_gather", "ownership",
-            "poison"]
+            "poison", "native_chunked_all_gather"]
 
 
 @functools.cache
@@ -53,6 +54,22 @@ def test_in_flight_buffers_are_owned_until_waited(world_size):
         assert owned["disjoint"] == "no error"
         assert owned["after"] == 0
         assert owned["mean_ok"]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_the_native_chunked_all_gather_is_async_into_a_reused_buffer(world_size):
+    for out in results(world_size):
+        out = out["native_chunked_all_gather"]
+        assert out["owned_while_in_flight"].startswith("BufferOwnershipError"), out
+        assert out["call0"], out
+        assert out["call1"], out
+        assert out["call2"], out
+        assert out["gaps_untouched"], out
+        assert out["allocations0"] == out["allocations2"] == 1, out
+        assert out["lent"] == 0, out
+        # The first buffer is free again (copied out); two more make the window of three.
+        assert out["window_allocations"] == GATHERS_IN_FLIGHT - 1, out
+        assert out["window_ok"], out
 
 
 @pytest.mark.parametrize("world_size", [2])

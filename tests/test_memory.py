@@ -24,6 +24,7 @@ from torch import nn
 from shardopt import ParamInfo, plan_shards, planner
 from shardopt.planner import accounting, activations, presets
 from shardopt.rules import Granularity, MuonRule
+from shardopt.zero.schedule import window_numel
 
 # ---------------------------------------------------------------- publications
 
@@ -264,7 +265,7 @@ def test_planner_equals_memory_report_on_every_rank(world_size):
         # Gradients arrive in autograd's order; the planner replays the reducer on it.
         arrival = got[0]["grad_arrival"]
         r = planner.estimate(model, optimizer=optimizer, precision=precision, zero_stage=stage, dp=world_size,
-                            bucket_numel=bucket_numel, grad_arrival=arrival, matrix_layout=layout)
+                            bucket_numel=bucket_numel, grad_arrival=arrival, matrix_layout=layout, backend="gloo")
         infos, groups = planner.param_infos(named, optimizer, dtype)
         plan, _ = planner.plan_rank_bytes(infos, groups, precision, stage, world_size, bucket_numel,
                                          matrix_layout=layout)
@@ -278,12 +279,21 @@ def test_planner_equals_memory_report_on_every_rank(world_size):
             assert (report["params"], report["grads"], report["master_params"]) == (
                 planned.params, planned.grads, planned.master_params), where
             assert report["optimizer_states"] == dict(planned.optimizer_states), where
-            assert report["comm_buffers"] == 0, where  # stage 2 frees its full buckets in step()
+            # The buffer pool keeps the stage-2 gradient buffers for the next step: the planner
+            # replays its lending; step()'s casts are kept in it too.
+            assert report["comm_buffers"] == planned.buffers.get("grad buffer pool", 0), where
+            assert report["grad_cast"] == planned.buffers.get("step grad cast", 0), where
+            # gloo's receive buffers of the stage-2 all-to-all reductions, replayed per rank.
+            assert report["staging_buffers"] == planned.buffers.get("gloo staging", 0), where
             assert measured_rank["grad_arrival"] == arrival, where
             assert measured_rank["grad_copies"] == planned.buffers.get("p.grad copies", 0), where
             assert measured_rank["grad_cast"] == planned.buffers.get("step grad cast", 0), where
             if stage == 2 and world_size > 1:
-                assert measured_rank["grad_window_peak"] == planned.buffers["grad reduce window"], where
+                item = torch.finfo(getattr(torch, precision.reduce)).bits // 8
+                index = {info.name: info.index for info in infos}
+                order = [index[name] for name in arrival if name in index]
+                assert measured_rank["grad_window_peak"] == window_numel(plan, order) * item, where
+                assert report["comm_buffers"] > 0, where
 
 
 def test_muon_workspace_is_the_largest_batch_with_what_the_loop_still_holds():

@@ -161,7 +161,7 @@ def test_header_states_the_largest_bucket_not_a_false_bound(capsys):
     assert code == 0
     header = out.splitlines()[2]
     assert "buckets of <=" not in header
-    assert "the largest 131,072,000 elements with padding (bucket_numel=8,388,608" in header
+    assert "the largest 131,072,000 elements with padding (bucket_numel=4,194,304" in header
 
 
 def test_muon_notes_name_their_zero_stage(capsys):

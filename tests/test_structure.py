@@ -16,7 +16,10 @@ import shardopt
 
 PACKAGE = Path(shardopt.__file__).parent
 # What the planner may read of the engine: pure data and declarations, no tensors or process groups.
-ZERO_DATA = {"shardopt.zero.plan", "shardopt.zero.layout", "shardopt.zero.schedule", "shardopt.zero.policy"}
+# The engine's modules the planner may read: no process group in them. (The pool's
+# ledger is pure; the planner replays it to size the runtime's buffer pool.)
+ZERO_DATA = {"shardopt.zero.plan", "shardopt.zero.layout", "shardopt.zero.schedule", "shardopt.zero.policy",
+             "shardopt.zero.pool"}
 DEPRECATED_ALIASES = {"shardopt.memory"}
 # The command line sits above everything: it dispatches to the planner and to checkpoints.
 ENTRY_POINTS = {"shardopt.cli"}

@@ -108,6 +108,23 @@ def test_fused_kernels_on_the_areas_equal_torch_fused(world_size):
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_buffer_pool_stops_allocating_after_two_steps(world_size):
+    # The first step launches in the plan's order, the second in the order the first
+    # completed; from then on every step borrows the same buffers back.
+    for rank, out in enumerate(per_rank(world_size, "memory_and_comm")):
+        for name in ("adamw", "muon"):
+            counts = out["pool"][name]
+            assert counts[0] > 0, (name, rank, counts)
+            assert counts[1] == counts[-1], (name, rank, counts)
+            grads, casts, staging, lent = out["pool"][f"{name}/held"]
+            assert grads > 0, (name, rank, out["pool"][f"{name}/held"])
+            assert casts > 0, (name, rank, out["pool"][f"{name}/held"])
+            assert staging > 0, (name, rank, out["pool"][f"{name}/held"])
+            assert lent == 0, (name, rank, out["pool"][f"{name}/held"])
+            assert out["pool"][f"{name}/after_close"] == [0, 0], (name, rank)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_state_bytes_and_comm_bytes_are_ideal(world_size):
     outs = per_rank(world_size, "memory_and_comm")
     model_numel = outs[0]["model_numel"]

@@ -337,6 +337,7 @@ def memory_and_comm(rank: int, world: int) -> dict[str, object]:
     after = opt.comm_stats()
     report = opt.memory_report()
     return {
+        "pool": _pool_allocations(rank, world),
         "report": report,
         "per_step": {k: (after[k] - before.get(k, 0)) / steps for k in after},
         "model_numel": sum(p.numel() for p in model.parameters()),
@@ -344,6 +345,31 @@ def memory_and_comm(rank: int, world: int) -> dict[str, object]:
         "state_param_numel": report["optimizer_states"]["exp_avg"] // 4,
         "num_buckets": len(opt.plan.buckets),
     }
+
+
+def _pool_allocations(rank: int, world: int) -> dict[str, list[int]]:
+    """The buffer pool's allocations after each step, and what it holds: AdamW and Muon
+    (matrices reduced per matrix, cast to a bf16 reduce dtype), stage 2."""
+    out = {}
+    bf16 = shardopt.PrecisionPolicy(reduce_dtype=torch.bfloat16)
+    for name, cls, groups in (("adamw", shardopt.AdamW, lambda m: m.parameters()),
+                              ("muon", shardopt.Muon, shardopt.muon_param_groups)):
+        torch.manual_seed(0)
+        model = TinyLM()
+        opt = shardopt.ZeroOptimizer(groups(model), cls, bucket_numel=300, precision=bf16, lr=1e-3)
+        counts = []
+        for step in range(5):
+            lm_loss(model, local(batch(step), rank, world)).backward()
+            opt.step()
+            opt.zero_grad()
+            counts.append(opt.comm.pool.num_allocations)
+        report = opt.memory_report()
+        out[name] = counts
+        out[f"{name}/held"] = [report["comm_buffers"], report["grad_cast"], report["staging_buffers"],
+                               opt.comm.pool.num_lent]
+        opt.close()
+        out[f"{name}/after_close"] = [opt.comm.pool.held_bytes(), opt.comm.pool.num_lent]
+    return out
 
 
 def checkpoints(rank: int, world: int) -> dict[str, float]:

@@ -29,7 +29,7 @@ from ..rules.base import Granularity, MatrixRule, StateShape, StateSpec, UpdateR
 from ..zero.layout import plan_shards
 from ..zero.plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, Storage
 from ..zero.policy import MAX_IN_FLIGHT, PrecisionPolicy, shards_gradients
-from ..zero.schedule import window_numel
+from ..zero.schedule import pool_numel, staging_numel
 
 # CLI optimizer names -> (runtime optimizer class, hyperparameters beyond its defaults).
 OPTIMIZERS: dict[str, tuple[type[RuleOptimizer], dict[str, Any]]] = {
@@ -44,6 +44,8 @@ OPTIMIZERS: dict[str, tuple[type[RuleOptimizer], dict[str, Any]]] = {
     "lion": (Lion, {}),
 }
 STAGES = (0, 1, 2, 3)
+# Process group backends whose collectives' staging buffers the planner knows.
+BACKENDS = ("nccl", "gloo")
 
 
 @dataclass(frozen=True)
@@ -259,12 +261,15 @@ def plan_rank_bytes(
     bucket_numel: int = DEFAULT_BUCKET_NUMEL,
     arrival: Sequence[int] | None = None,
     matrix_layout: str = "balanced",
+    backend: str = "nccl",
 ) -> tuple[ShardPlan, list[RankBytes]]:
     """Bytes every data-parallel rank holds under ``zero_stage`` (see the module docstring).
 
     ``arrival``: parameter indices in the order gradients complete (default: the
     reverse of their numbering, the order the plan packs buckets in).
     ``matrix_layout``: ``ZeroOptimizer(matrix_layout=...)`` for Muon groups.
+    ``backend``: the process group's, for the collectives' staging buffers
+    (:func:`~shardopt.zero.schedule.staging_numel`).
     """
     choose("zero_stage", zero_stage, STAGES)
     world = 1 if zero_stage == 0 else dp
@@ -277,7 +282,9 @@ def plan_rank_bytes(
     region = sum(s.area_numel for s in plan.storages)
     if arrival is None:
         arrival = sorted((info.index for info in infos), reverse=True)
-    window = window_numel(plan, arrival) if sharded else 0
+    # The gradient buffer pool (shardopt.zero.pool) once steps repeat; a matrix's gradient
+    # takes a pooled buffer only where it is cast to the reduce dtype.
+    window = pool_numel(plan, arrival, pooled_matrices=precision.reduce != precision.param) if sharded else 0
     gather = sum(sorted((b.flat_numel for b in plan.buckets), reverse=True)[: MAX_IN_FLIGHT + 1])
     separate_master = wide != getattr(torch, precision.param)
     out = []
@@ -305,7 +312,11 @@ def plan_rank_bytes(
             # _expose_grads sets p.grad = grad.to(param dtype): a second copy of every gradient.
             buffers["p.grad copies"] = plan.used_numel * p_item
         if sharded:
-            buffers["grad reduce window"] = window * r_item
+            buffers["grad buffer pool"] = window * r_item
+        if world > 1:
+            if backend == "gloo" or rank == 0:  # the native all-gather's staging is alike on every rank
+                staged = staging_numel(plan, arrival, rank, backend=backend, sharded=sharded)
+            buffers[f"{backend} staging"] = staged * (r_item if backend == "gloo" else p_item)
         if zero_stage == 3 and world > 1:
             buffers["param gather window"] = gather * p_item
         out.append(RankBytes(

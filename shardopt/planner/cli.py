@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix-layout", type=_choice("matrix_layout", ["balanced", "whole"]), default="balanced",
                    help="ZeroOptimizer(matrix_layout=...) for Muon: balanced (equal state per rank, a few "
                    "matrices exchanged for Newton-Schulz) or whole (no exchange, padded to the busiest rank)")
+    p.add_argument("--backend", type=_choice("backend", ["nccl", "gloo"]), default="nccl",
+                   help="the process group's backend, for the collectives' staging buffers")
     p.add_argument("--search", action="store_true",
                    help="smallest data-parallel size per ZeRO stage that fits --gpu, and the choice")
     p.add_argument("--max-dp", type=_positive, default=report.MAX_DP,
@@ -166,7 +168,7 @@ def _estimate(args: argparse.Namespace, optimizer: str, stage: int, dp: int) -> 
         args.model if args.params is None else args.params, optimizer=optimizer, precision=args.precision,
         zero_stage=stage, dp=dp, tp=args.tp, pp=args.pp, seq_len=args.seq_len, micro_batch=args.micro_batch,
         recompute=args.recompute, sequence_parallel=args.sequence_parallel, gpu=args.gpu,
-        bucket_numel=args.bucket_numel, matrix_layout=args.matrix_layout,
+        bucket_numel=args.bucket_numel, matrix_layout=args.matrix_layout, backend=args.backend,
     )
 
 
@@ -224,8 +226,10 @@ def _sources(r: report.MemoryReport) -> dict[str, str]:
         grads = f"{r.rank.grads // r_item:,} el x {r_item} B {p.reduce}: {grads} (ZeRO sec. 5.2)"
     buffers = ("transients: FSDP2's unsharded params, all-gather and reduce-scatter buffers, unsharded grads, "
                "each its own peak (shardopt.planner.fsdp); Muon temporaries" if fsdp else
-               "transients: stage-2 reduction schedule replayed on the backward order (zero/schedule.py, at most "
-               f"MAX_IN_FLIGHT + 1 = {MAX_IN_FLIGHT + 1} reductions in flight), step()'s grad cast, Muon temporaries")
+               "transients: the buffer pool's ledger replayed on the stage-2 reduction schedule and the backward "
+               f"order (zero/schedule.py, zero/pool.py; MAX_IN_FLIGHT = {MAX_IN_FLIGHT} reduction in flight), "
+               "staging of the backend's collectives, step()'s grad cast, "
+               "Muon temporaries")
     return {
         "params": params,
         "grads": grads,

@@ -44,6 +44,7 @@ from ..zero.schedule import window_numel
 from . import activations as act
 from . import fsdp, presets
 from .accounting import (
+    BACKENDS,
     PRECISIONS,
     Precision,
     RankBytes,
@@ -157,6 +158,7 @@ def estimate(
     grad_arrival: Sequence[str] | None = None,
     matrix_layout: str = "balanced",
     fsdp_units: Sequence[str] | None = None,
+    backend: str = "nccl",
 ) -> MemoryReport:
     """Per-GPU memory of training ``model`` with ZeRO ``zero_stage`` over ``dp`` ranks.
 
@@ -175,7 +177,9 @@ def estimate(
     layout, ``"balanced"`` or ``"whole"`` (:class:`~shardopt.ZeroOptimizer`).
     ``fsdp_units`` (stage 3): names of the modules given to ``fully_shard``
     before the root (default: each decoder layer of a preset or config; a
-    module's root alone; each tensor of a bare count).
+    module's root alone; each tensor of a bare count). ``backend``: the process
+    group's, for the collectives' staging buffers (``"nccl"``: the chunked
+    all-gather's; ``"gloo"``: the receive buffers of its all-to-all reductions).
 
     Example::
 
@@ -184,6 +188,7 @@ def estimate(
     """
     precision = precision if isinstance(precision, Precision) else choose("precision", precision, PRECISIONS)
     act.check_recompute(recompute)
+    choose("backend", backend, BACKENDS)
     for label, value in (("dp", dp), ("bucket_numel", bucket_numel)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Invalid {label}: {value!r} (expected an int >= 1)")
@@ -195,7 +200,7 @@ def estimate(
                              precision=precision, zero_stage=zero_stage, dp=dp, seq_len=seq_len,
                              micro_batch=micro_batch, recompute=recompute, sequence_parallel=sequence_parallel,
                              gpu=gpu, hyperparameters=hyperparameters, grad_arrival=grad_arrival,
-                             matrix_layout=matrix_layout, fsdp_units=fsdp_units)
+                             matrix_layout=matrix_layout, fsdp_units=fsdp_units, backend=backend)
     source = presets.model_params(model, tp=tp, pp=pp, bucket_numel=bucket_numel)
     arch, notes = source.arch, list(source.notes)
     if optimizer == "muon" and not source.has_shapes:
@@ -218,7 +223,7 @@ def estimate(
                                          hyperparameters, source.full)
         else:
             plan, ranks = plan_rank_bytes(infos, groups, precision, zero_stage, dp, bucket_numel, arrival,
-                                          matrix_layout)
+                                          matrix_layout, backend)
         acts = {} if arch is None else act.activation_bytes(
             arch, seq_len=seq_len, micro_batch=micro_batch, tp=tp, pp=pp, stage=stage,
             sequence_parallel=sequence_parallel, recompute=recompute)
@@ -242,7 +247,7 @@ def estimate(
                          f"{first * item / 1e9:.2f} GB, not {steady * item / 1e9:.2f} GB")
     settings = {"seq_len": seq_len, "micro_batch": micro_batch, "recompute": recompute,
                 "sequence_parallel": sequence_parallel, "bucket_numel": bucket_numel,
-                "matrix_layout": matrix_layout,
+                "matrix_layout": matrix_layout, "backend": backend,
                 "specs": {type(rule).__name__: [s.name for s in rule.state_specs(hp)] for rule, hp in groups}}
     return MemoryReport(
         model=source.name, total_params=source.total_params, matrix_params=matrix_params, optimizer=optimizer,

@@ -15,9 +15,10 @@ Per storage (:class:`StorageBuffers`):
   step (lazily, like torch.optim), over the area's used elements only.
 
 Per bucket (:class:`BucketBuffers`): ``grad_flat``, the bucket's local
-gradients, the reduce-scatter's (or all-reduce's) input. At stage 2 it lives
-from the bucket's first gradient until its reduce-scatter is done. (Matrix
-storages at stage 2 reduce per matrix instead: :mod:`shardopt.zero.schedule`.)
+gradients, the reduce-scatter's (or all-reduce's) input. At stage 2 it is lent
+by the communicator's :class:`~shardopt.zero.pool.BufferPool` from the bucket's
+first gradient until its reduce-scatter is done, and reused by the next step.
+(Matrix storages at stage 2 reduce per matrix instead: :mod:`shardopt.zero.schedule`.)
 
 Ownership invariant: every buffer here that an asynchronous collective reads
 or writes (``grad_flat``, the regions of ``grad_area`` a reduction fills, a
@@ -42,9 +43,10 @@ import torch
 from torch import Tensor
 
 from ..rules.base import StateSpec, allocate_state
-from .comm import Communicator, new_buffer
+from .comm import Communicator
 from .plan import Bucket, Storage
 from .policy import MAX_IN_FLIGHT, shards_gradients
+from .pool import BufferPool, new_buffer
 
 
 @dataclass
@@ -55,6 +57,7 @@ class StorageBuffers:
     master: Tensor
     reduce_dtype: torch.dtype
     sharding: KeptGradients | ShardedGradients
+    pool: BufferPool
     poison: bool = False
     grad_flat: Tensor | None = None
     grad_area: Tensor | None = None
@@ -114,9 +117,9 @@ class BucketBuffers:
         return self.owner.ensure_grad_area()[start : start + self.bucket.region_numel]
 
     def release_grad_flat(self) -> None:
-        """Drop the bucket's gradient buffer (its reduction has been waited for)."""
-        if self.owner.poison and self.grad_flat is not None:
-            self.grad_flat.fill_(float("nan"))
+        """Hand the bucket's gradient buffer back to the pool (its reduction has been waited for)."""
+        if self.grad_flat is not None:
+            self.owner.pool.give(self.grad_flat)
         self.grad_flat = None
 
     @functools.cached_property
@@ -177,8 +180,8 @@ class ShardedGradients:
     def bucket_grads(self, bucket: BucketBuffers) -> Tensor:
         if bucket.grad_flat is None:
             owner = bucket.owner
-            bucket.grad_flat = new_buffer(bucket.bucket.flat_numel, owner.reduce_dtype, owner.param_flat.device,
-                                          poison=owner.poison)
+            bucket.grad_flat = owner.pool.take(bucket.bucket.flat_numel, owner.reduce_dtype, owner.param_flat.device,
+                                               kind="reduce")
         return bucket.grad_flat
 
     def grad_area(self, storage: StorageBuffers) -> Tensor:

@@ -65,6 +65,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .policy import GATHERS_IN_FLIGHT
+from .pool import BufferPool, new_buffer
+
 # torch 2.13 renamed the tensor collectives (the old names warn); older
 # releases have only the old ones.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -82,13 +85,6 @@ _DTYPE_CODES = {dtype: code for code, dtype in enumerate(
 def flag_from_env(name: str) -> bool:
     """Whether environment variable ``name`` is set to ``1``, ``true``, ``yes`` or ``on``."""
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def new_buffer(numel: int, dtype: torch.dtype, device: torch.device, *, poison: bool) -> Tensor:
-    """An uninitialised buffer, or with ``poison`` one full of NaN (floating dtypes)."""
-    if poison and (dtype.is_floating_point or dtype.is_complex):
-        return torch.full((numel,), float("nan"), dtype=dtype, device=device)
-    return torch.empty(numel, dtype=dtype, device=device)
 
 
 class BufferOwnershipError(RuntimeError):
@@ -159,6 +155,25 @@ class _Owned:
         return self.work is None or self.work.is_completed()
 
 
+class _CopyOutOnWait:
+    """Completes an all-gather into a pooled flat buffer: its pieces to their chunks, then the buffer back."""
+
+    def __init__(self, work: _Owned, flat: Tensor, outputs: list[Tensor], pool: BufferPool) -> None:
+        self.work, self.flat, self.outputs, self.pool = work, flat, outputs, pool
+
+    def wait(self) -> bool:
+        if self.flat is not None:
+            self.work.wait()
+            for output, piece in zip(self.outputs, self.flat.split(self.outputs[0].numel())):
+                output.copy_(piece)
+            self.pool.give(self.flat)
+            self.flat = None
+        return True
+
+    def is_completed(self) -> bool:
+        return self.flat is None or self.work.is_completed()
+
+
 class _Done:
     """Stands in for a collective's work handle when nothing had to be sent."""
 
@@ -192,6 +207,10 @@ class Communicator:
         # asynchronous collectives not yet waited for.
         self._owned: list[tuple[int, int, int, str]] = []
         self._num_checked = 0
+        # Buffers reused step after step: the engine's gradient buffers ("reduce",
+        # "cast") and this communicator's own staging ("receive", "gather").
+        self.pool = BufferPool(poison=self.poison, check=self._returnable)
+        self._gathers: list[_CopyOutOnWait] = []  # native chunked all-gathers not yet copied out
 
     @property
     def active(self) -> bool:
@@ -288,6 +307,10 @@ class Communicator:
         """A buffer a collective will fill: uninitialised, or NaN with ``poison``."""
         return new_buffer(numel, dtype, device, poison=self.poison)
 
+    def _returnable(self, tensor: Tensor) -> None:
+        """Raise :class:`BufferOwnershipError` if an in-flight collective still owns ``tensor``."""
+        self._claim("returning a buffer to the pool", [tensor])
+
     def retire(self, tensor: Tensor | None) -> None:
         """``tensor`` is no longer anyone's: with ``poison``, fill it with NaN so a stale reader sees NaN."""
         if self.poison and tensor is not None and tensor.is_floating_point():
@@ -355,15 +378,27 @@ class Communicator:
         return self._gather_chunks(outputs, local, async_op)
 
     def _gather_chunks(self, outputs: list[Tensor], local: Tensor, async_op: bool):
-        """The native all-gather into separate chunks; subclasses replace it for their backend."""
-        self._claim("all-gather", outputs)
-        # NCCL gathers list outputs through one flat buffer anyway; do it here so the
-        # bytes are sent once, then copy into the (non-adjacent) chunks.
-        flat = torch.empty(len(outputs) * local.numel(), dtype=local.dtype, device=local.device)
-        _all_gather_flat(flat, local, group=self.group)
-        for output, piece in zip(outputs, flat.split(local.numel())):
-            output.copy_(piece)
-        return _Done()
+        """The native all-gather into separate chunks; subclasses replace it for their backend.
+
+        NCCL gathers list outputs through one flat buffer anyway; gathering into a
+        pooled flat buffer here sends the bytes once, and the copy into the
+        (non-adjacent) chunks runs at ``wait()``, so chunked all-gathers overlap
+        like flat ones and allocate nothing after the first step.
+        """
+        claim = self._claim("all-gather", outputs)
+        # At most GATHERS_IN_FLIGHT staging buffers: launching one more first completes
+        # the oldest (collectives complete in launch order, so that wait costs no overlap
+        # the window allows), else a step's gathers would stage a whole model's parameters.
+        self._gathers = [g for g in self._gathers if g.flat is not None]
+        while len(self._gathers) >= GATHERS_IN_FLIGHT:
+            self._gathers.pop(0).wait()
+        flat = self.pool.take(len(outputs) * local.numel(), local.dtype, local.device, kind="gather")
+        work = _all_gather_flat(flat, local, group=self.group, async_op=True)
+        done = _CopyOutOnWait(self._own(work, claim), flat, outputs, self.pool)
+        self._gathers.append(done)
+        if not async_op:
+            done.wait()
+        return done
 
     @_names_failures("all-to-all")
     def exchange(self, send: Tensor, send_counts: list[int], receive_counts: list[int], dtype: torch.dtype) -> Tensor:

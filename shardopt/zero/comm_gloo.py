@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .comm import Communicator
+from .pool import BufferPool
 
 
 class _MeanOnWait:
@@ -52,9 +53,9 @@ class _MeanOnWait:
     """
 
     def __init__(self, work: Any, received: Tensor, output: Tensor | None, world_size: int,
-                 *, own_rank: int | None) -> None:
+                 *, own_rank: int | None, pool: BufferPool) -> None:
         self.work, self.received, self.output, self.world_size = work, received, output, world_size
-        self.own_rank = own_rank
+        self.own_rank, self.pool = own_rank, pool
 
     def wait(self) -> bool:
         if self.work is not None:
@@ -74,6 +75,7 @@ class _MeanOnWait:
                 for copy in later:
                     output.add_(copy)
                 output.div_(self.world_size)
+            self.pool.give(self.received)
             self.work = self.received = None
         return True
 
@@ -87,10 +89,10 @@ class GlooCommunicator(Communicator):
         # ranks). An all-to-all sends each region straight to its owner
         # ((N-1)/N of the buffer, the ideal) and the owner sums locally.
         self._agree("all_to_all", flat.dtype, flat.numel())
-        received = self.empty(flat.numel(), flat.dtype, flat.device)
         claim = self._claim("reduce-scatter", [output, flat])
+        received = self.pool.take(flat.numel(), flat.dtype, flat.device, kind="receive")
         work = dist.all_to_all_single(received, flat, group=self.group, async_op=True)
-        done = _MeanOnWait(self._own(work, claim), received, output, self.world_size, own_rank=None)
+        done = _MeanOnWait(self._own(work, claim), received, output, self.world_size, own_rank=None, pool=self.pool)
         if not async_op:
             done.wait()
         return done
@@ -104,12 +106,12 @@ class GlooCommunicator(Communicator):
         send = [numel if r == dst and not mine else 0 for r in range(self.world_size)]
         receive = [numel if mine and r != dst else 0 for r in range(self.world_size)]
         self._agree("all_to_all", tensor.dtype, numel, send, receive)
-        received = self.empty(sum(receive), tensor.dtype, tensor.device)
+        received = self.pool.take(sum(receive), tensor.dtype, tensor.device, kind="receive")
         claim = self._claim("reduce", [tensor])
         work = dist.all_to_all_single(received, tensor if not mine else tensor.new_empty(0), receive, send,
                                       group=self.group, async_op=True)
         done = _MeanOnWait(self._own(work, claim), received, tensor if mine else None, self.world_size,
-                           own_rank=dst)
+                           own_rank=dst, pool=self.pool)
         if not async_op:
             done.wait()
         return done

@@ -10,7 +10,7 @@ Toward Training Trillion Parameter Models", sections 5.1-5.2)::
                skip the step everywhere if any gradient is not finite; clip by the
                global norm; run the update rule on this rank's area (fp32 master
                weights and states; Muon: :mod:`shardopt.zero.matrix_step`); all-gather
-               every bucket's parameters in place
+               every bucket's parameters in place (:mod:`shardopt.zero.gather`)
 
 Model parameters are views of the storages (:mod:`shardopt.zero.plan`), so the
 all-gather updates the model without a copy. Do not wrap the model in DistributedDataParallel:
@@ -44,6 +44,7 @@ from . import checkpoint, checks
 from .buffers import BucketBuffers, StorageBuffers, gradient_sharding, storage_bytes
 from .comm import default_group, digest_tensor
 from .comm_gloo import communicator_for
+from .gather import ParamGather
 from .layout import plan_shards
 from .matrix_step import MatrixStep
 from .plan import DEFAULT_ALIGN_NUMEL, DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan, Storage
@@ -77,6 +78,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         precision: a :class:`PrecisionPolicy`.
         max_grad_norm: clip gradients by their global norm over all shards.
         overlap: start each bucket's reduction during backward.
+        overlap_gather: leave ``step()``'s parameter all-gathers in flight, each waited for
+            by the forward of the first module using it (:mod:`shardopt.zero.gather`).
+            Parameters are then valid only in their module's forward or after
+            :meth:`wait_for_params` (call it before an EMA, logging, ``model.state_dict()``);
+            off by default for that reason. Same collectives, same results.
         **defaults: hyperparameters for ``optimizer_class`` (``lr``, ``betas``, ...).
             ``fused=True`` (Adam, AdamW, SGD, Adagrad) runs torch's fused kernel on
             this rank's fp32 area, one view per parameter piece: bitwise equal to
@@ -108,6 +114,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         precision: PrecisionPolicy | None = None,
         max_grad_norm: float | None = None,
         overlap: bool = True,
+        overlap_gather: bool = False,
         **defaults: Any,
     ) -> None:
         if stage not in (1, 2) or isinstance(stage, bool):
@@ -119,6 +126,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                             "PrecisionPolicy(reduce_dtype=torch.bfloat16), or None)")
         if not isinstance(overlap, bool):
             raise TypeError(f"Invalid overlap: {overlap!r} (expected True or False)")
+        if not isinstance(overlap_gather, bool):
+            raise TypeError(f"Invalid overlap_gather: {overlap_gather!r} (expected True or False)")
         if max_grad_norm is not None and not (
             isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf
         ):
@@ -163,6 +172,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.plan, self.buffers, self.storages, self.params, self.comm, self.sharding, overlap=overlap,
             label=self.inner.param_label, on_reduced=self._expose_grads,
         )
+        self.param_gather = ParamGather(self.plan, self.buffers, self.params, self.comm, overlap=overlap_gather)
         self.closed = False
         for param in self.params.values():
             _OWNERS[id(param)] = self
@@ -194,12 +204,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """
         if getattr(self, "closed", True):
             return
+        self.wait_for_params()
         self.reducer.close()
         for buffers in self.storages:
             buffers.grad_flat = buffers.grad_area = None
             buffers.states = {}
         for bucket in self.buffers:
-            bucket.grad_flat = None
+            bucket.release_grad_flat()
+        self.comm.pool.clear()
         for param in self.params.values():
             if _OWNERS.get(id(param)) is self:
                 del _OWNERS[id(param)]
@@ -274,7 +286,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         master = area if wide == first.dtype else area.to(wide)
         reduce_dtype = self.precision.reduce_dtype or first.dtype
         return StorageBuffers(storage, self.comm.rank, param_flat, master, reduce_dtype, self.sharding,
-                              poison=self.comm.poison)
+                              self.comm.pool, poison=self.comm.poison)
 
     def _expose_grads(self) -> None:
         for buffers in self.storages:
@@ -302,10 +314,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         finally:
             self.reducer.sync_enabled = previous
 
+    def wait_for_params(self) -> None:
+        """Wait for the parameter all-gathers in flight (``overlap_gather``): then every parameter is valid."""
+        self.param_gather.wait_all()
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         if self.closed:
             raise RuntimeError("ZeroOptimizer.step(): this optimizer was closed; build a new one")
+        self.wait_for_params()
         if self.reducer.failed is not None:
             raise RuntimeError(f"ZeroOptimizer.step(): a backward failed since the last step ({self.reducer.failed}); "
                                "its gradients are incomplete: call zero_grad() and run backward again")
@@ -333,6 +350,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.last_grad_norm = math.sqrt(sum_sq) if math.isfinite(sum_sq) else math.inf
         if num_nonfinite > 0:
             self.num_skipped_steps += 1
+            self._return_casts(grads)
             self.reducer.reset()
             return loss
         if self.max_grad_norm is not None:
@@ -346,28 +364,26 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 if storage.master_separate():
                     used = storage.used_numel
                     storage.param_area()[:used].copy_(storage.master[:used])
-        with record_function("shardopt.all_gather"):
-            works = []
-            for buffers in self.buffers:
-                if buffers.bucket.storage.num_chunks == 1:
-                    works.append(self.comm.all_gather_inplace(buffers.owner.param_flat, async_op=True))
-                else:
-                    chunks = buffers.param_chunks
-                    works.append(self.comm.all_gather_chunks(chunks, chunks[self.comm.rank], async_op=True))
-            for work in works:
-                work.wait()
+        self._return_casts(grads)
+        self.param_gather.launch()
         self.reducer.reset()
         return loss
 
     def _grad_regions(self) -> list[Tensor]:
-        """Each storage's used gradient area, in the master dtype."""
+        """Each storage's used gradient area, in the master dtype (a cast lent by the pool
+        until :meth:`_return_casts`, where the reduce dtype is narrower)."""
         out = []
         for buffers in self.storages:
             grad = buffers.ensure_grad_area()[: buffers.used_numel]
             if grad.dtype != buffers.master.dtype:
-                grad = grad.to(buffers.master.dtype)
+                grad = self.comm.pool.take(grad.numel(), buffers.master.dtype, grad.device, kind="cast").copy_(grad)
             out.append(grad)
         return out
+
+    def _return_casts(self, grads: list[Tensor]) -> None:
+        for grad in grads:
+            if self.comm.pool.lends(grad):
+                self.comm.pool.give(grad)
 
     def ensure_states(self, buffers: StorageBuffers) -> None:
         """Allocate ``buffers``' states if needed."""
@@ -407,25 +423,32 @@ class ZeroOptimizer(torch.optim.Optimizer):
         separate = [s.master for s in self.storages if s.master_separate()]
         # Kept gradients: the area is a view of the flat buffer (counted once).
         grads = [t for s in self.storages for t in (s.grad_flat, s.grad_area)]
-        comm_buffers = [b.grad_flat for b in self.buffers] + list(self.reducer.matrix_grads.values())
         states: dict[str, int] = {}
         for buffers in self.storages:
             for name, tensor in buffers.states.items():
                 states[name] = states.get(name, 0) + storage_bytes([tensor])
         padding = sum(s.storage.padding_numel * s.param_flat.element_size() for s in self.storages)
+        pool = self.comm.pool
         report = {
             "params": storage_bytes(param_flats),
             "grads": storage_bytes(grads),
             "master_params": storage_bytes(separate),
             "optimizer_states": states,
-            "comm_buffers": storage_bytes(comm_buffers),
-            # Transient gradient buffers at their peak in the last backward (sharded gradients).
+            # The buffer pool (shardopt.zero.pool), which keeps what it lent for the next step:
+            # stage-2 gradient buffers (buckets, and matrices cast to the reduce dtype) ...
+            "comm_buffers": pool.held_bytes("reduce"),
+            # ... step()'s casts of the gradient areas to the master dtype ...
+            "grad_cast": pool.held_bytes("cast"),
+            # ... and the backend's receive buffers (gloo's all-to-all reductions, the
+            # native chunked all-gather).
+            "staging_buffers": pool.held_bytes("receive") + pool.held_bytes("gather"),
+            # Gradient buffers lent at once at their peak in the last backward (sharded gradients).
             "comm_buffers_peak": self.reducer.peak_buffer_bytes,
             "padding": padding,
         }
         report["total"] = (
-            report["params"] + report["grads"] + report["master_params"]
-            + sum(states.values()) + report["comm_buffers"]
+            report["params"] + report["grads"] + report["master_params"] + sum(states.values())
+            + report["comm_buffers"] + report["grad_cast"] + report["staging_buffers"]
         )
         return report
 
@@ -439,6 +462,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """What checkpoints read and write of this optimizer (plan, this rank's buffers, param
         groups, state declarations, communicator, parameters, rule names): the interface
         :mod:`shardopt.checkpoint` and :mod:`shardopt.zero.checkpoint` work through."""
+        self.wait_for_params()  # every checkpoint path (state_dict(), load_state_dict(), ...) comes here
         return checkpoint.ShardedState(
             self.plan, self.storages, self.param_groups, self._state_specs, self.comm, params=self.params,
             rule_name=lambda group: self.inner.rule_for_group(self.param_groups[group]).name)

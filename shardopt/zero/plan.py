@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 
 from ..rules.base import Granularity
 
-DEFAULT_BUCKET_NUMEL = 1 << 23
+# 2^22 elements (16 MiB fp32): what the stage-2 window and its pooled buffers hold
+# per bucket (shardopt.zero.policy.MAX_IN_FLIGHT); DDP's default is 25 MiB.
+DEFAULT_BUCKET_NUMEL = 1 << 22
 DEFAULT_ALIGN_NUMEL = 64
 
 

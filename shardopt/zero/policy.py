@@ -13,8 +13,18 @@ import torch
 
 # Stage 2 keeps at most this many gradient reductions in flight during backward
 # (shardopt.zero.schedule): launching one more waits for the oldest, so peak
-# gradient memory is this rank's areas plus a bounded window.
-MAX_IN_FLIGHT = 2
+# gradient memory is this rank's areas plus a bounded window. One: a reduction
+# still overlaps the backward of the next bucket, and a backend runs its
+# collectives one after another anyway; each more in flight holds another bucket
+# and (on gloo) its receive buffer in the pool. Measured on the 25.5M-parameter
+# benchmark GPT at 2 ranks (benchmarks/bench_zero.py): peak RSS 918 MiB with two
+# in flight and 2^23-element buckets, 788 MiB with one and 2^22, same step time.
+MAX_IN_FLIGHT = 1
+
+# The native (NCCL) chunked all-gather stages each bucket in a pooled flat buffer
+# until its copy-out: at most this many at once (shardopt.zero.comm), so a step's
+# gathers never stage the whole model's parameters.
+GATHERS_IN_FLIGHT = MAX_IN_FLIGHT + 1
 
 # shardopt.Muon on DTensor parameters (FSDP2, TP) exchanges matrices with their
 # owners in rounds of at most this many whole-matrix elements per rank on average

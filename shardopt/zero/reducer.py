@@ -145,7 +145,7 @@ class GradientReducer:
                 # nothing else writes it, and a copy would only cost time.
                 self.matrix_grads[index] = grad
             else:
-                target = self.comm.empty(param.numel(), dtype, param.device)
+                target = self.comm.pool.take(param.numel(), dtype, param.device, kind="reduce")
                 self.matrix_grads[index] = target.zero_() if grad is None else target.copy_(grad)
             buffer = self.matrix_grads[index]
         else:
@@ -235,7 +235,10 @@ class GradientReducer:
                 if unit.param in self.own_part:
                     at, low, high = self.own_part[unit.param]
                     self.storage_of[unit.param].ensure_grad_area()[at : at + high - low].copy_(grad[low:high])
-                self.comm.retire(grad)
+                if self.comm.pool.lends(grad):
+                    self.comm.pool.give(grad)
+                else:
+                    self.comm.retire(grad)  # autograd's own buffer, reduced in place
             else:
                 self.sharding.reduced(self.buffers[unit.bucket])
             self.unit_bytes.pop(position, None)
@@ -263,6 +266,10 @@ class GradientReducer:
         """Drop this step's gradients (after a failed backward) and start a new step."""
         for position in self.schedule.drain():
             self._complete(position)
+        for grad in self.matrix_grads.values():  # gradients of matrices never launched
+            if self.comm.pool.lends(grad):
+                self.comm.pool.give(grad)
+        self.matrix_grads.clear()
         self._callback_queued = False  # the failed backward never ran its callback
         self.failed = None
         self.reset()

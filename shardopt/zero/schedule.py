@@ -28,11 +28,13 @@ rank's areas plus a bounded window, not the whole model's gradients.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from .plan import PlanError, ShardPlan
-from .policy import MAX_IN_FLIGHT
+from .plan import Bucket, PlanError, ShardPlan
+from .policy import GATHERS_IN_FLIGHT, MAX_IN_FLIGHT
+from .pool import PoolLedger
 
 
 @dataclass(frozen=True)
@@ -169,18 +171,15 @@ class ReductionSchedule:
         self.completion = None
 
 
-def window_numel(plan: ShardPlan, arrival: Sequence[int], *, first_step: bool = False,
-                 window: int | None = MAX_IN_FLIGHT) -> int:
-    """Peak elements of gradient reduction buffers alive during a backward with sharded gradients.
+def _replay(plan: ShardPlan, arrival: Sequence[int], first_step: bool,
+            window: int | None) -> Iterator[tuple[str, int]]:
+    """Replay :class:`ReductionSchedule` on one backward, as the reducer runs it:
+    ``("appear", unit)`` at a unit's first gradient (its buffer is taken),
+    ``("launch", unit)`` when its reduction starts and ``("wait", unit)`` when it is
+    waited for (its buffers go back; the rest at the end of backward).
 
-    Replays :class:`ReductionSchedule` on the gradient ``arrival`` order
-    (parameter indices; every parameter once): the plan's order in the first
-    step (``first_step``), from the second on the order units completed in the
-    first. A unit's buffer exists from its first gradient until its reduction
-    is waited for, as in the reducer, whose measured peak
-    (``ZeroOptimizer.memory_report()["comm_buffers_peak"]``) is tested equal.
-    The peak is taken when a buffer appears, before the launch it may allow
-    waits for an older one: both are alive at that moment.
+    From the second step on (``first_step=False``) units launch in the order they
+    completed in the first.
     """
     schedule = ReductionSchedule(plan, window)
     if not first_step:
@@ -188,14 +187,129 @@ def window_numel(plan: ShardPlan, arrival: Sequence[int], *, first_step: bool = 
             schedule.arrive(param)
         schedule.adopt(schedule.completion or [])
         schedule.reset()
-    alive: dict[int, int] = {}
-    peak = 0
+    seen: set[int] = set()
     for param in arrival:
         position = schedule.arrive(param)
-        if position not in alive:
-            alive[position] = unit_numel(plan, schedule.units[position])
-            peak = max(peak, sum(alive.values()))
-        for _, waits in schedule.launches():
+        if position not in seen:
+            seen.add(position)
+            yield "appear", position
+        for launched, waits in schedule.launches():
+            yield "launch", launched
             for waited in waits:
-                alive.pop(waited)
+                yield "wait", waited
+    for position in schedule.drain():
+        yield "wait", position
+
+
+def window_numel(plan: ShardPlan, arrival: Sequence[int], *, first_step: bool = False,
+                 window: int | None = MAX_IN_FLIGHT) -> int:
+    """Peak elements of gradient reduction buffers alive during a backward with sharded gradients.
+
+    Replays :class:`ReductionSchedule` on the gradient ``arrival`` order
+    (parameter indices; every parameter once): the plan's order in the first
+    step (``first_step``), from the second on the order units completed in the
+    first. The reducer's measured peak
+    (``ZeroOptimizer.memory_report()["comm_buffers_peak"]``) is tested equal.
+    The peak is taken when a buffer appears, before the launch it may allow
+    waits for an older one: both are alive at that moment.
+    """
+    units = reduce_units(plan)
+    alive, peak = 0, 0
+    for event, position in _replay(plan, arrival, first_step, window):
+        if event != "launch":
+            alive += (1 if event == "appear" else -1) * unit_numel(plan, units[position])
+        peak = max(peak, alive)
     return peak
+
+
+def pool_numel(plan: ShardPlan, arrival: Sequence[int], *, pooled_matrices: bool,
+               window: int | None = MAX_IN_FLIGHT, max_steps: int = 8) -> int:
+    """Elements of the gradient buffers the :class:`~shardopt.zero.pool.BufferPool` holds
+    once steps repeat (kind ``"reduce"``), as ``memory_report()["comm_buffers"]`` measures.
+
+    Replays the pool's own :class:`~shardopt.zero.pool.PoolLedger` on the buffers
+    the reducer borrows, step after step (the first in the plan's order, then
+    in the adopted one) until a step allocates nothing. Bucket units always
+    borrow; a matrix unit only with ``pooled_matrices`` (its gradient is cast to
+    the reduce dtype; otherwise it is reduced in autograd's own buffer).
+    """
+    units = reduce_units(plan)
+    ledger = PoolLedger()
+    key = ("reduce", None, None)
+    for step in range(max_steps):
+        before = ledger.num_allocations
+        lent: dict[int, int] = {}
+        for event, position in _replay(plan, arrival, step == 0, window):
+            if event == "launch" or not (pooled_matrices or isinstance(units[position], BucketReduction)):
+                continue
+            if event == "appear":
+                lent[position] = ledger.take(key, unit_numel(plan, units[position]))[0]  # type: ignore[arg-type]
+            else:
+                ledger.give(lent.pop(position))
+        if step > 0 and ledger.num_allocations == before:
+            break
+    return ledger.held_numel()
+
+
+def forward_order(plan: ShardPlan) -> list[Bucket]:
+    """The plan's buckets in the order the forward is expected to need them: the
+    order :class:`~shardopt.zero.gather.ParamGather` launches the all-gathers in.
+
+    By the earliest parameter (index) each holds, then bucket index; buckets of
+    padding only come last.
+    """
+    def first(bucket: Bucket) -> float:
+        return min((slot.param for slot in bucket.slots if slot.numel), default=math.inf)
+
+    return sorted(plan.buckets, key=lambda bucket: (first(bucket), bucket.index))
+
+
+def staging_numel(plan: ShardPlan, arrival: Sequence[int], rank: int, *, backend: str, sharded: bool,
+                  window: int | None = MAX_IN_FLIGHT, max_steps: int = 8) -> int:
+    """Elements of the backend's staging buffers the pool holds on ``rank`` once steps
+    repeat (kinds ``"receive"`` and ``"gather"``), as ``memory_report()["staging_buffers"]``
+    measures.
+
+    * ``"gloo"``: with ``sharded`` gradients (stage 2) a reduction is an all-to-all into a receive buffer, lent
+      from its launch until it is waited for: a bucket's whole flat buffer, or for
+      a matrix part this rank holds, the other ranks' copies of it
+      (:class:`~shardopt.zero.comm_gloo.GlooCommunicator`).
+    * any other (``"nccl"``): a bucket cut into chunks (a chunked Muon storage) is
+      all-gathered through a flat buffer, at most
+      :data:`~shardopt.zero.policy.GATHERS_IN_FLIGHT` at once, in :func:`forward_order`.
+    """
+    ledger = PoolLedger()
+    world = plan.world_size
+    if world == 1:
+        return 0
+    if backend != "gloo":
+        lent: list[int] = []
+        for bucket in forward_order(plan):
+            if bucket.storage.num_chunks > 1:
+                if len(lent) >= GATHERS_IN_FLIGHT:
+                    ledger.give(lent.pop(0))
+                lent.append(ledger.take(("gather", None, None), bucket.flat_numel)[0])  # type: ignore[arg-type]
+        return ledger.held_numel()
+    if not sharded:
+        return 0
+    units = reduce_units(plan)
+    storage_of = {slot.param: storage for storage in plan.storages for slot in storage.slots}
+
+    def received(unit: ReduceUnit) -> int:
+        if isinstance(unit, BucketReduction):
+            return plan.buckets[unit.bucket].flat_numel
+        return sum((world - 1) * (high - low) for member, low, high in storage_of[unit.param].parts(unit.param)
+                   if member == rank)
+
+    for step in range(max_steps):
+        before = ledger.num_allocations
+        held: dict[int, int] = {}
+        for event, position in _replay(plan, arrival, step == 0, window):
+            numel = received(units[position])
+            if event == "launch" and numel:
+                held[position] = ledger.take(("receive", None, None), numel)[0]  # type: ignore[arg-type]
+            elif event == "wait" and position in held:
+                ledger.give(held.pop(position))
+        if step > 0 and ledger.num_allocations == before:
+            break
+    return ledger.held_numel()
