@@ -113,3 +113,22 @@ def test_the_first_steps_reduction_order_holds_little_more_than_later_steps():
     total = sum(info.numel for info in infos)
     assert first <= 2 * steady, (first, steady, total)
     assert first < 0.02 * total, (first, steady, total)
+
+
+@pytest.mark.parametrize(("world_size", "shard_gradients"), [(8, False), (8, True), (1, False)])
+def test_muon_matrices_are_reduced_one_by_one_as_they_arrive_at_both_stages(world_size, shard_gradients):
+    # Stage 1 all-reduces each matrix in place as soon as its gradient arrives, like
+    # stage 2's per-matrix reduces: not one bucket reduced after the last matrix.
+    from shardopt.zero.schedule import BucketReduction, MatrixReduction, reduce_units
+
+    plan = plan_shards(llama_infos("llama2-7b"), world_size, shard_gradients=shard_gradients)
+    units = reduce_units(plan)
+    matrices = sorted(i.index for i in plan.params if i.granularity is Granularity.MATRIX)
+    per_matrix = sorted(u.param for u in units if isinstance(u, MatrixReduction))
+    buckets = [plan.buckets[u.bucket] for u in units if isinstance(u, BucketReduction)]
+    if world_size == 1:  # nothing to communicate: the storage's one bucket
+        assert per_matrix == []
+        assert any(b.storage.granularity is Granularity.MATRIX for b in buckets)
+    else:
+        assert per_matrix == matrices
+        assert all(b.storage.granularity is Granularity.ELEMENTWISE for b in buckets)

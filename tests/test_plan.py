@@ -148,8 +148,9 @@ def test_every_parameter_is_reduced_once_in_backward_order(shard_gradients):
     lasts = [min(depth[p] for p in unit_params(plan, unit)) for unit in units]
     assert lasts == sorted(lasts, reverse=True)
     matrix_units = [u for u in units if isinstance(u, MatrixReduction)]
-    # Stage 2 reduces each matrix on its own; stage 1 all-reduces the matrix storage as one bucket.
-    assert len(matrix_units) == (23 if shard_gradients else 0)
+    # Both stages reduce each matrix on its own as it arrives (stage 2: parts to their
+    # ranks; stage 1: all-reduced in place); only stage 2 all-gathers in chunks.
+    assert len(matrix_units) == 23
     (storage,) = [s for s in plan.storages if s.granularity is Granularity.MATRIX]
     assert storage.num_chunks > 1 if shard_gradients else storage.num_chunks == 1
     for unit in matrix_units:

@@ -113,7 +113,7 @@ def _balanced_matrix_storage(
     storage = Storage(index, group, Granularity.MATRIX, dtype, tuple(slots), area, world_size, num_chunks)
     owners = _straddler_owners(storage, {info.index: _cost(info) for info in members})
     return Storage(index, group, Granularity.MATRIX, dtype, tuple(slots), area, world_size, num_chunks,
-                   tuple(owners), reduce_per_matrix=chunked)
+                   tuple(owners), reduce_per_matrix=world_size > 1)
 
 
 def _least_loaded(ordered: Sequence[ParamInfo], world_size: int) -> list[tuple[ParamInfo, int]]:
@@ -281,7 +281,7 @@ def _whole_matrix_storage(
     slots = tuple(Span(info.index, offset, info.numel) for offset, info, _ in placed)
     owners = tuple(rank for _, _, rank in placed)
     return Storage(index, group, Granularity.MATRIX, dtype, slots, area, world_size, num_chunks, owners,
-                   reduce_per_matrix=chunked)
+                   reduce_per_matrix=world_size > 1)
 
 
 def plan_shards(
@@ -297,10 +297,11 @@ def plan_shards(
 
     Storages never mix param groups, dtypes or granularities. Elementwise
     storages hold at most ``bucket_numel`` elements unless one parameter alone is
-    larger; a matrix group is one storage. With ``shard_gradients`` (stage 2 on
-    several ranks) a matrix storage reduces gradients matrix by matrix and
-    all-gathers in buckets of about ``bucket_numel`` elements; without (stage 1,
-    where ``p.grad`` views the full gradient) it is one bucket. Buckets are
+    larger; a matrix group is one storage. On several ranks a matrix storage
+    reduces gradients matrix by matrix as they arrive (stage 2: to the ranks
+    holding each part; stage 1: all-reduced in place); with ``shard_gradients``
+    (stage 2) it all-gathers in buckets of about ``bucket_numel`` elements,
+    without (stage 1, where ``p.grad`` views the full gradient) in one. Buckets are
     ordered by when backward completes them: the bucket whose earliest-registered
     parameter comes last is complete first.
     """

@@ -5,7 +5,8 @@ Toward Training Trillion Parameter Models", sections 5.1-5.2)::
 
     backward   hooks copy each gradient into its bucket; a complete bucket starts
                an async reduce-scatter (stage 2) or all-reduce (stage 1), mean over ranks
-               (a Muon matrix at stage 2: a reduce of each part to the rank holding it)
+               (a Muon matrix as it arrives: a reduce of each part to the rank holding
+               it at stage 2, an all-reduce at stage 1)
     step()     wait; one all-reduce of [sum of squared gradients, non-finite count];
                skip the step everywhere if any gradient is not finite; clip by the
                global norm; run the update rule on this rank's area (fp32 master

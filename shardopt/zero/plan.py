@@ -101,8 +101,9 @@ class Storage:
 
     ``slots`` are sorted by offset. ``ns_owners[i]`` (matrix storages) is the rank
     that orthogonalizes ``slots[i]``'s matrix. ``reduce_per_matrix``: gradients
-    are reduced matrix by matrix to the ranks holding them (stage 2), not by
-    bucket; the buckets then only all-gather the new weights.
+    are reduced matrix by matrix as each arrives (stage 2: to the ranks holding
+    it; stage 1: all-reduced where ``p.grad`` views it), not by bucket; the
+    buckets then only all-gather the new weights.
     """
 
     index: int

@@ -6,8 +6,9 @@ parameter's gradient into its reduction buffer and frees ``p.grad``. When
 every parameter of a reduction unit has arrived, an asynchronous
 reduce-scatter (sharded gradients) or all-reduce (kept) of the bucket starts,
 overlapping the rest of backward, as DDP's reducer does (Li et al. 2020,
-"PyTorch Distributed", section 3.2.3); a matrix of a chunked Muon storage is
-reduced part by part to the ranks holding it.
+"PyTorch Distributed", section 3.2.3); a Muon matrix is reduced as soon as it
+arrives, part by part to the ranks holding it (stage 2) or all-reduced in
+place (stage 1).
 
 When to launch and when to wait is :class:`~shardopt.zero.schedule.ReductionSchedule`'s
 decision (launch order, first-step order adoption, the in-flight window),
@@ -138,7 +139,14 @@ class GradientReducer:
             grad = grad.reshape(-1)
         position = self.schedule.unit_of[index]
         unit = self.units[position]
-        if isinstance(unit, MatrixReduction):
+        if isinstance(unit, MatrixReduction) and not self.sharding.shards:
+            # Kept gradients (stage 1): the matrix's slot of the storage's gradient,
+            # all-reduced in place as soon as it arrives; p.grad will view it.
+            storage = self.storage_of[index]
+            offset = storage.storage.slot_offset(index)
+            buffer = storage.ensure_grad_flat()[offset : offset + param.numel()]
+            self.matrix_grads[index] = buffer.zero_() if grad is None else buffer.copy_(grad)
+        elif isinstance(unit, MatrixReduction):
             dtype = self.storage_of[index].reduce_dtype
             if grad is not None and grad.dtype == dtype and grad.is_contiguous():
                 # Reduced from autograd's own buffer: p.grad is dropped below, so
@@ -176,6 +184,8 @@ class GradientReducer:
                 self._complete(waited)
 
     def _launch(self, unit: BucketReduction | MatrixReduction) -> list[Any]:
+        if isinstance(unit, MatrixReduction) and not self.sharding.shards:
+            return [self.comm.all_reduce_avg(self.matrix_grads[unit.param], async_op=True)]
         if isinstance(unit, MatrixReduction):
             # Each part of the matrix goes to the rank whose area holds it.
             grad = self.matrix_grads[unit.param]
@@ -230,7 +240,9 @@ class GradientReducer:
             for work in self.works.pop(position):
                 work.wait()
             unit = self.units[position]
-            if isinstance(unit, MatrixReduction):
+            if isinstance(unit, MatrixReduction) and not self.sharding.shards:
+                self.matrix_grads.pop(unit.param)  # reduced in place: the kept gradient
+            elif isinstance(unit, MatrixReduction):
                 grad = self.matrix_grads.pop(unit.param)
                 if unit.param in self.own_part:
                     at, low, high = self.own_part[unit.param]

@@ -10,10 +10,11 @@ Reduction units (:func:`reduce_units`) come in two kinds:
 * :class:`BucketReduction`: one bucket's gradients in one collective, a
   reduce-scatter when gradients are sharded (stage 2) or an all-reduce when the
   full averaged gradient is kept (stage 1, one rank);
-* :class:`MatrixReduction`: one matrix of a chunked matrix storage (stage 2
-  Muon), each part reduced to the rank whose area holds it, as the matrix's
-  gradient arrives: a bucket spanning every rank's area would wait for
-  gradients from all over the model and hold them meanwhile.
+* :class:`MatrixReduction`: one matrix of a matrix storage (Muon, several
+  ranks) as its gradient arrives: at stage 2 each part reduced to the rank
+  whose area holds it, at stage 1 all-reduced in place. A bucket spanning every
+  rank's area would wait for gradients from all over the model (and at stage
+  2 hold them meanwhile).
 
 Units are launched strictly in one order, the same on every rank
 (:class:`ReductionSchedule`): a complete unit waits for the ones before it. The
