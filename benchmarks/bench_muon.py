@@ -16,7 +16,8 @@ decay 0.1. No gradient clipping. Systems:
   stage=2, ns_dtype="float32", ...)``, no DDP (the optimizer's hooks average the gradients).
   Each matrix is orthogonalized by one rank; the matrices cut by a rank boundary
   are exchanged (``comm_stats()["exchange"]``).
-* ``shardopt-muon-z1``: the same with ``stage=1`` (all-reduced gradients, sharded states).
+* ``shardopt-muon-z1``: the same with ``stage=1`` (all-reduced gradients, sharded states);
+  ``shardopt-muon-auto``: with ``ns_method="auto"`` (Gram Newton-Schulz where faster).
 * ``naive-muon``: ``DistributedDataParallel(model)`` + the single-process
   ``shardopt.Muon(shardopt.muon_param_groups(ddp.module), ...)`` on every rank: every
   rank orthogonalizes every matrix and keeps all of the state.
@@ -106,17 +107,15 @@ them for every system (each pays the profiler's per-op cost):
   batch after the timed steps (eval loss). shardopt-muon, shardopt-muon-z1 and naive-muon
   must agree within ``--loss-tol`` (1e-3); exit status 1 otherwise.
 
-The systems repeat ``--repeats`` times, interleaved (A B C A B C ...); tables report medians.
-
-Usage, from the repository root::
+The systems repeat ``--repeats`` times, interleaved (A B C A B C ...); tables report
+medians. Usage, from the repository root::
 
     python benchmarks/bench_muon.py --markdown                      # world sizes 2 and 4, all systems
     python benchmarks/bench_muon.py --markdown --ns-dtype bfloat16  # both sides' plain iteration in bf16
     python benchmarks/bench_muon.py --world-sizes 2 --steps 2 --warmup 1 --repeats 1 --preset tiny
 
 DeepSpeed's ``init_distributed`` JIT-builds a shared-memory op on first use (about a
-minute, cached in ``~/.cache/torch_extensions`` afterwards); only steps are timed.
-"""
+minute, cached in ``~/.cache/torch_extensions`` afterwards); only steps are timed."""
 from __future__ import annotations
 
 import math
@@ -157,6 +156,7 @@ ADAMW_KWARGS: dict[str, Any] = dict(lr=ADAMW_LR, betas=BETAS, eps=EPS, weight_de
 DESCRIPTIONS = {
     "shardopt-muon": "shardopt.ZeroOptimizer(muon_param_groups, shardopt.Muon, stage=2), no DDP",
     "shardopt-muon-z1": "shardopt.ZeroOptimizer(muon_param_groups, shardopt.Muon, stage=1), no DDP",
+    "shardopt-muon-auto": "shardopt-muon with ns_method='auto' (Gram Newton-Schulz where it is faster)",
     "naive-muon": "DDP + shardopt.Muon on every rank (every rank orthogonalizes every matrix)",
     "ds-muon-z1": "DeepSpeed Muon (MuonWithAuxAdam, torch AdamW aux), ZeRO-1, fp32",
     "ds-muon-z2": "DeepSpeed Muon (MuonWithAuxAdam, torch AdamW aux), ZeRO-2, fp32",
@@ -180,10 +180,9 @@ class Config(harness.Config):
 
 # ---------------------------------------------------------------------- systems
 
-
-def build_shardopt_muon(model: torch.nn.Module, stage: int, ns_dtype: str) -> harness.Built:
+def build_shardopt_muon(model: torch.nn.Module, stage: int, ns_dtype: str, ns_method: str) -> harness.Built:
     opt = shardopt.ZeroOptimizer(shardopt.muon_param_groups(model), shardopt.Muon, stage=stage,
-                                 **dict(MUON_KWARGS, ns_dtype=ns_dtype))
+                                 **dict(MUON_KWARGS, ns_dtype=ns_dtype, ns_method=ns_method))
     BUILT[:] = [harness.built_zero(model, opt)]
     return BUILT[0]
 
@@ -259,8 +258,9 @@ def build_deepspeed_muon(model: torch.nn.Module, stage: int, batch: int, ns_dtyp
 
 
 def build(system: str, model: torch.nn.Module, cfg: Config) -> harness.Built:
-    if system in ("shardopt-muon", "shardopt-muon-z1"):
-        return build_shardopt_muon(model, stage=1 if system.endswith("z1") else 2, ns_dtype=cfg.ns_dtype)
+    if system.startswith("shardopt-muon"):
+        return build_shardopt_muon(model, stage=1 if system.endswith("z1") else 2, ns_dtype=cfg.ns_dtype,
+                                   ns_method="auto" if system.endswith("auto") else "standard")
     if system == "naive-muon":
         return build_naive_muon(model, cfg.ns_dtype)
     if system in DEEPSPEED_SYSTEMS:
