@@ -107,7 +107,7 @@ def test_fused_kernels_on_the_areas_equal_torch_fused(world_size):
         assert set(out) == {f"{n}/stage{s}" for n in ("adamw", "sgd_momentum") for s in (1, 2)}
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("world_size", [2, 3])
 def test_buffer_pool_stops_allocating_after_two_steps(world_size):
     # The first step launches in the plan's order, the second in the order the first
     # completed; from then on every step borrows the same buffers back.
