@@ -287,6 +287,9 @@ def plan_rank_bytes(
     window = pool_numel(plan, arrival, pooled_matrices=precision.reduce != precision.param) if sharded else 0
     gather = sum(sorted((b.flat_numel for b in plan.buckets), reverse=True)[: MAX_IN_FLIGHT + 1])
     separate_master = wide != getattr(torch, precision.param)
+    # The native all-gather's staging is alike on every rank; gloo's receive buffers are per rank.
+    native_staging = (staging_numel(plan, arrival, 0, backend=backend, sharded=sharded)
+                      if world > 1 and backend != "gloo" else None)
     out = []
     for rank, share in enumerate(shares):
         states: dict[str, int] = {}
@@ -313,10 +316,10 @@ def plan_rank_bytes(
             buffers["p.grad copies"] = plan.used_numel * p_item
         if sharded:
             buffers["grad buffer pool"] = window * r_item
-        if world > 1:
-            if backend == "gloo" or rank == 0:  # the native all-gather's staging is alike on every rank
-                staged = staging_numel(plan, arrival, rank, backend=backend, sharded=sharded)
-            buffers[f"{backend} staging"] = staged * (r_item if backend == "gloo" else p_item)
+        if native_staging is not None:
+            buffers[f"{backend} staging"] = native_staging * p_item
+        elif world > 1:
+            buffers["gloo staging"] = staging_numel(plan, arrival, rank, backend=backend, sharded=sharded) * r_item
         if zero_stage == 3 and world > 1:
             buffers["param gather window"] = gather * p_item
         out.append(RankBytes(

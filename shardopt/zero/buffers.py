@@ -156,6 +156,21 @@ class KeptGradients:
     def reduced(self, bucket: BucketBuffers) -> None:
         """The bucket's reduction was waited for: its buffer is the kept gradient."""
 
+    def matrix_grad(self, storage: StorageBuffers, param: int, grad: Tensor | None, numel: int,
+                    device: torch.device) -> Tensor:
+        """A matrix's gradient in its slot of the storage's kept gradient (``p.grad`` will view it)."""
+        offset = storage.storage.slot_offset(param)
+        buffer = storage.ensure_grad_flat()[offset : offset + numel]
+        return buffer.zero_() if grad is None else buffer.copy_(grad)
+
+    def reduce_matrix(self, comm: Communicator, grad: Tensor, parts: list[tuple[int, int, int]]) -> list[Any]:
+        """All-reduce the matrix's gradient in place, as soon as it arrived."""
+        return [comm.all_reduce_avg(grad, async_op=True)]
+
+    def matrix_reduced(self, comm: Communicator, storage: StorageBuffers, grad: Tensor,
+                       own_part: tuple[int, int, int] | None) -> None:
+        """Reduced in place: the kept gradient."""
+
     def expose(self, storage: StorageBuffers, params: dict[int, Tensor]) -> None:
         """``p.grad`` <- a view of the averaged gradient (a copy where the dtypes differ)."""
         flat = storage.ensure_grad_flat()
@@ -193,6 +208,32 @@ class ShardedGradients:
 
     def reduced(self, bucket: BucketBuffers) -> None:
         bucket.release_grad_flat()
+
+    def matrix_grad(self, storage: StorageBuffers, param: int, grad: Tensor | None, numel: int,
+                    device: torch.device) -> Tensor:
+        """The matrix's local gradient in the reduce dtype: autograd's own buffer where it already
+        is (``p.grad`` is dropped, so nothing else writes it), else a pooled copy."""
+        dtype = storage.reduce_dtype
+        if grad is not None and grad.dtype == dtype and grad.is_contiguous():
+            return grad
+        target = storage.pool.take(numel, dtype, device, kind="reduce")
+        return target.zero_() if grad is None else target.copy_(grad)
+
+    def reduce_matrix(self, comm: Communicator, grad: Tensor, parts: list[tuple[int, int, int]]) -> list[Any]:
+        """Each ``(rank, start, end)`` part of the matrix to the rank whose area holds it."""
+        return [comm.reduce_avg(grad[low:high], member, async_op=True) for member, low, high in parts]
+
+    def matrix_reduced(self, comm: Communicator, storage: StorageBuffers, grad: Tensor,
+                       own_part: tuple[int, int, int] | None) -> None:
+        """Copy this rank's part (``(area offset, start, end)``, if any) into its gradient area
+        and hand the buffer back (to the pool, or poisoned where it was autograd's)."""
+        if own_part is not None:
+            at, low, high = own_part
+            storage.ensure_grad_area()[at : at + high - low].copy_(grad[low:high])
+        if storage.pool.lends(grad):
+            storage.pool.give(grad)
+        else:
+            comm.retire(grad)
 
     def expose(self, storage: StorageBuffers, params: dict[int, Tensor]) -> None:
         """Sharded gradients have no full ``p.grad`` to show."""

@@ -435,13 +435,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "grads": storage_bytes(grads),
             "master_params": storage_bytes(separate),
             "optimizer_states": states,
-            # The buffer pool (shardopt.zero.pool), which keeps what it lent for the next step:
-            # stage-2 gradient buffers (buckets, and matrices cast to the reduce dtype) ...
+            # What the buffer pool (shardopt.zero.pool) keeps for the next step, by kind: the
+            # stage-2 gradient buffers (buckets, and matrices cast to the reduce dtype), step()'s
+            # casts of the gradient areas to the master dtype, and the backend's staging (gloo's
+            # all-to-all receive buffers, the native chunked all-gather's flat buffers).
             "comm_buffers": pool.held_bytes("reduce"),
-            # ... step()'s casts of the gradient areas to the master dtype ...
             "grad_cast": pool.held_bytes("cast"),
-            # ... and the backend's receive buffers (gloo's all-to-all reductions, the
-            # native chunked all-gather).
             "staging_buffers": pool.held_bytes("receive") + pool.held_bytes("gather"),
             # Gradient buffers lent at once at their peak in the last backward (sharded gradients).
             "comm_buffers_peak": self.reducer.peak_buffer_bytes,

@@ -139,23 +139,9 @@ class GradientReducer:
             grad = grad.reshape(-1)
         position = self.schedule.unit_of[index]
         unit = self.units[position]
-        if isinstance(unit, MatrixReduction) and not self.sharding.shards:
-            # Kept gradients (stage 1): the matrix's slot of the storage's gradient,
-            # all-reduced in place as soon as it arrives; p.grad will view it.
-            storage = self.storage_of[index]
-            offset = storage.storage.slot_offset(index)
-            buffer = storage.ensure_grad_flat()[offset : offset + param.numel()]
-            self.matrix_grads[index] = buffer.zero_() if grad is None else buffer.copy_(grad)
-        elif isinstance(unit, MatrixReduction):
-            dtype = self.storage_of[index].reduce_dtype
-            if grad is not None and grad.dtype == dtype and grad.is_contiguous():
-                # Reduced from autograd's own buffer: p.grad is dropped below, so
-                # nothing else writes it, and a copy would only cost time.
-                self.matrix_grads[index] = grad
-            else:
-                target = self.comm.pool.take(param.numel(), dtype, param.device, kind="reduce")
-                self.matrix_grads[index] = target.zero_() if grad is None else target.copy_(grad)
-            buffer = self.matrix_grads[index]
+        if isinstance(unit, MatrixReduction):
+            buffer = self.sharding.matrix_grad(self.storage_of[index], index, grad, param.numel(), param.device)
+            self.matrix_grads[index] = buffer
         else:
             buffer = self.buffers[unit.bucket].ensure_grad_flat()
             for slot in self.slots[index]:
@@ -184,15 +170,8 @@ class GradientReducer:
                 self._complete(waited)
 
     def _launch(self, unit: BucketReduction | MatrixReduction) -> list[Any]:
-        if isinstance(unit, MatrixReduction) and not self.sharding.shards:
-            return [self.comm.all_reduce_avg(self.matrix_grads[unit.param], async_op=True)]
         if isinstance(unit, MatrixReduction):
-            # Each part of the matrix goes to the rank whose area holds it.
-            grad = self.matrix_grads[unit.param]
-            return [
-                self.comm.reduce_avg(grad[low:high], member, async_op=True)
-                for member, low, high in self.parts[unit.param]
-            ]
+            return self.sharding.reduce_matrix(self.comm, self.matrix_grads[unit.param], self.parts[unit.param])
         buffers = self.buffers[unit.bucket]
         flat = buffers.ensure_grad_flat()
         # Padding must be zero in the reduction's input: clear the gaps between slots.
@@ -240,17 +219,9 @@ class GradientReducer:
             for work in self.works.pop(position):
                 work.wait()
             unit = self.units[position]
-            if isinstance(unit, MatrixReduction) and not self.sharding.shards:
-                self.matrix_grads.pop(unit.param)  # reduced in place: the kept gradient
-            elif isinstance(unit, MatrixReduction):
-                grad = self.matrix_grads.pop(unit.param)
-                if unit.param in self.own_part:
-                    at, low, high = self.own_part[unit.param]
-                    self.storage_of[unit.param].ensure_grad_area()[at : at + high - low].copy_(grad[low:high])
-                if self.comm.pool.lends(grad):
-                    self.comm.pool.give(grad)
-                else:
-                    self.comm.retire(grad)  # autograd's own buffer, reduced in place
+            if isinstance(unit, MatrixReduction):
+                self.sharding.matrix_reduced(self.comm, self.storage_of[unit.param], self.matrix_grads.pop(unit.param),
+                                             self.own_part.get(unit.param))
             else:
                 self.sharding.reduced(self.buffers[unit.bucket])
             self.unit_bytes.pop(position, None)

@@ -30,7 +30,7 @@ rank's areas plus a bounded window, not the whole model's gradients.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .plan import Bucket, PlanError, ShardPlan
@@ -173,7 +173,7 @@ class ReductionSchedule:
 
 
 def _replay(plan: ShardPlan, arrival: Sequence[int], first_step: bool,
-            window: int | None) -> Iterator[tuple[str, int]]:
+            window: int | None) -> Iterator[tuple[str, ReduceUnit]]:
     """Replay :class:`ReductionSchedule` on one backward, as the reducer runs it:
     ``("appear", unit)`` at a unit's first gradient (its buffer is taken),
     ``("launch", unit)`` when its reduction starts and ``("wait", unit)`` when it is
@@ -188,18 +188,19 @@ def _replay(plan: ShardPlan, arrival: Sequence[int], first_step: bool,
             schedule.arrive(param)
         schedule.adopt(schedule.completion or [])
         schedule.reset()
+    units = schedule.units
     seen: set[int] = set()
     for param in arrival:
         position = schedule.arrive(param)
         if position not in seen:
             seen.add(position)
-            yield "appear", position
+            yield "appear", units[position]
         for launched, waits in schedule.launches():
-            yield "launch", launched
+            yield "launch", units[launched]
             for waited in waits:
-                yield "wait", waited
+                yield "wait", units[waited]
     for position in schedule.drain():
-        yield "wait", position
+        yield "wait", units[position]
 
 
 def window_numel(plan: ShardPlan, arrival: Sequence[int], *, first_step: bool = False,
@@ -214,13 +215,36 @@ def window_numel(plan: ShardPlan, arrival: Sequence[int], *, first_step: bool = 
     The peak is taken when a buffer appears, before the launch it may allow
     waits for an older one: both are alive at that moment.
     """
-    units = reduce_units(plan)
     alive, peak = 0, 0
-    for event, position in _replay(plan, arrival, first_step, window):
+    for event, unit in _replay(plan, arrival, first_step, window):
         if event != "launch":
-            alive += (1 if event == "appear" else -1) * unit_numel(plan, units[position])
+            alive += (1 if event == "appear" else -1) * unit_numel(plan, unit)
         peak = max(peak, alive)
     return peak
+
+
+def _settled_pool(plan: ShardPlan, arrival: Sequence[int], window: int | None, max_steps: int, kind: str,
+                  taken_at: str, borrows: Callable[[ReduceUnit], int]) -> int:
+    """Elements a :class:`~shardopt.zero.pool.PoolLedger` holds for ``kind`` once steps repeat.
+
+    Each unit borrows ``borrows(unit)`` elements (0: none) at its ``taken_at``
+    event (``"appear"`` or ``"launch"``) until it is waited for; backward after
+    backward (the first in the plan's order, then in the adopted one) until one
+    allocates nothing.
+    """
+    ledger = PoolLedger()
+    key = (kind, None, None)
+    for step in range(max_steps):
+        before = ledger.num_allocations
+        lent: dict[ReduceUnit, int] = {}
+        for event, unit in _replay(plan, arrival, step == 0, window):
+            if event == taken_at and borrows(unit):
+                lent[unit] = ledger.take(key, borrows(unit))[0]  # type: ignore[arg-type]
+            elif event == "wait" and unit in lent:
+                ledger.give(lent.pop(unit))
+        if step > 0 and ledger.num_allocations == before:
+            break
+    return ledger.held_numel()
 
 
 def pool_numel(plan: ShardPlan, arrival: Sequence[int], *, pooled_matrices: bool,
@@ -228,28 +252,15 @@ def pool_numel(plan: ShardPlan, arrival: Sequence[int], *, pooled_matrices: bool
     """Elements of the gradient buffers the :class:`~shardopt.zero.pool.BufferPool` holds
     once steps repeat (kind ``"reduce"``), as ``memory_report()["comm_buffers"]`` measures.
 
-    Replays the pool's own :class:`~shardopt.zero.pool.PoolLedger` on the buffers
-    the reducer borrows, step after step (the first in the plan's order, then
-    in the adopted one) until a step allocates nothing. Bucket units always
+    Replays the pool's own ledger on the buffers the reducer borrows from a
+    unit's first gradient until its reduction is waited for. Bucket units always
     borrow; a matrix unit only with ``pooled_matrices`` (its gradient is cast to
     the reduce dtype; otherwise it is reduced in autograd's own buffer).
     """
-    units = reduce_units(plan)
-    ledger = PoolLedger()
-    key = ("reduce", None, None)
-    for step in range(max_steps):
-        before = ledger.num_allocations
-        lent: dict[int, int] = {}
-        for event, position in _replay(plan, arrival, step == 0, window):
-            if event == "launch" or not (pooled_matrices or isinstance(units[position], BucketReduction)):
-                continue
-            if event == "appear":
-                lent[position] = ledger.take(key, unit_numel(plan, units[position]))[0]  # type: ignore[arg-type]
-            else:
-                ledger.give(lent.pop(position))
-        if step > 0 and ledger.num_allocations == before:
-            break
-    return ledger.held_numel()
+    def borrows(unit: ReduceUnit) -> int:
+        return unit_numel(plan, unit) if pooled_matrices or isinstance(unit, BucketReduction) else 0
+
+    return _settled_pool(plan, arrival, window, max_steps, "reduce", "appear", borrows)
 
 
 def forward_order(plan: ShardPlan) -> list[Bucket]:
@@ -271,19 +282,19 @@ def staging_numel(plan: ShardPlan, arrival: Sequence[int], rank: int, *, backend
     repeat (kinds ``"receive"`` and ``"gather"``), as ``memory_report()["staging_buffers"]``
     measures.
 
-    * ``"gloo"``: with ``sharded`` gradients (stage 2) a reduction is an all-to-all into a receive buffer, lent
-      from its launch until it is waited for: a bucket's whole flat buffer, or for
+    * ``"gloo"``: with ``sharded`` gradients (stage 2) a reduction is an all-to-all
+      into a receive buffer, lent from its launch until it is waited for: a bucket's whole flat buffer, or for
       a matrix part this rank holds, the other ranks' copies of it
       (:class:`~shardopt.zero.comm_gloo.GlooCommunicator`).
     * any other (``"nccl"``): a bucket cut into chunks (a chunked Muon storage) is
       all-gathered through a flat buffer, at most
       :data:`~shardopt.zero.policy.GATHERS_IN_FLIGHT` at once, in :func:`forward_order`.
     """
-    ledger = PoolLedger()
     world = plan.world_size
     if world == 1:
         return 0
     if backend != "gloo":
+        ledger = PoolLedger()
         lent: list[int] = []
         for bucket in forward_order(plan):
             if bucket.storage.num_chunks > 1:
@@ -293,7 +304,6 @@ def staging_numel(plan: ShardPlan, arrival: Sequence[int], rank: int, *, backend
         return ledger.held_numel()
     if not sharded:
         return 0
-    units = reduce_units(plan)
     storage_of = {slot.param: storage for storage in plan.storages for slot in storage.slots}
 
     def received(unit: ReduceUnit) -> int:
@@ -302,15 +312,4 @@ def staging_numel(plan: ShardPlan, arrival: Sequence[int], rank: int, *, backend
         return sum((world - 1) * (high - low) for member, low, high in storage_of[unit.param].parts(unit.param)
                    if member == rank)
 
-    for step in range(max_steps):
-        before = ledger.num_allocations
-        held: dict[int, int] = {}
-        for event, position in _replay(plan, arrival, step == 0, window):
-            numel = received(units[position])
-            if event == "launch" and numel:
-                held[position] = ledger.take(("receive", None, None), numel)[0]  # type: ignore[arg-type]
-            elif event == "wait" and position in held:
-                ledger.give(held.pop(position))
-        if step > 0 and ledger.num_allocations == before:
-            break
-    return ledger.held_numel()
+    return _settled_pool(plan, arrival, window, max_steps, "receive", "launch", received)
